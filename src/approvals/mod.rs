@@ -1,0 +1,479 @@
+//! The biometric approval gate (SPEC §8).
+//!
+//! A gated action never runs on request: `register_gated` validates its
+//! params, creates a pending approval, sends `approval_request` to every
+//! session, and waits. Only a signed `approval_response` from a paired,
+//! non-revoked device's approval key lets it run, by handing the action an
+//! [`Approved`] value — which only this module can make, so a destructive
+//! handler cannot be called without approval.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+
+use jsonrpsee_core::server::{Extensions, RpcModule};
+use jsonrpsee_types::Params;
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value, json};
+use tokio::sync::Notify;
+
+use crate::auth::keys::{APPROVAL_LABEL, b64, random_bytes, signed_string, unb64};
+use crate::protocol::frames;
+use crate::protocol::{ApiError, ErrorCode};
+use crate::rpc::{ActionResult, Caller, parse_params, redact_secrets};
+use crate::sessions::SessionHandle;
+use crate::state::AppState;
+use crate::storage::audit::jcs_digest;
+use crate::storage::devices;
+
+/// Proof that an approval for exactly these params was granted. Its fields
+/// are private and it has no public constructor.
+#[derive(Debug)]
+pub struct Approved<P> {
+    params: P,
+    approval_id: String,
+}
+
+impl<P> Approved<P> {
+    pub fn params(&self) -> &P {
+        &self.params
+    }
+    pub fn into_params(self) -> P {
+        self.params
+    }
+    pub fn approval_id(&self) -> &str {
+        &self.approval_id
+    }
+}
+
+/// What a gated action's `prepare` step returns: validated params and the
+/// human-readable summary the phone shows.
+pub struct Prepared<P> {
+    pub params: P,
+    pub summary: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Decision {
+    Approved,
+    Denied,
+    Expired,
+}
+
+impl Decision {
+    fn status(self) -> &'static str {
+        match self {
+            Decision::Approved => "approved",
+            Decision::Denied => "denied",
+            Decision::Expired => "expired",
+        }
+    }
+}
+
+struct Pending {
+    approval_id: String,
+    action_digest: String,
+    challenge: String,
+    expires_at: i64,
+    /// The `approval_request` object without `type`, as listed by `list_approvals`.
+    request: Value,
+    decision: Mutex<Option<(Decision, Option<String>)>>,
+    decided: Notify,
+}
+
+impl Pending {
+    /// Records the first decision; false if one was already made.
+    fn decide(&self, d: Decision, by: Option<String>) -> bool {
+        let mut g = self.decision.lock().unwrap_or_else(|p| p.into_inner());
+        if g.is_some() {
+            return false;
+        }
+        *g = Some((d, by));
+        self.decided.notify_one();
+        true
+    }
+
+    fn decision(&self) -> Option<(Decision, Option<String>)> {
+        self.decision
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn request_frame(&self) -> String {
+        let mut v = self.request.clone();
+        v["type"] = json!("approval_request");
+        v.to_string()
+    }
+}
+
+/// Pending approvals, by id.
+#[derive(Default)]
+pub struct Approvals {
+    pending: Mutex<HashMap<String, Arc<Pending>>>,
+}
+
+impl std::fmt::Debug for Approvals {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Approvals")
+    }
+}
+
+impl Approvals {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Pending>>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    fn get(&self, id: &str) -> Option<Arc<Pending>> {
+        self.lock().get(id).cloned()
+    }
+    /// Pending requests, oldest first.
+    fn list(&self) -> Vec<Arc<Pending>> {
+        let mut v: Vec<_> = self.lock().values().cloned().collect();
+        v.sort_by_key(|p| p.expires_at);
+        v
+    }
+}
+
+/// Registers a gated action. `prepare` validates (and may refuse) before
+/// any phone is asked; `run` executes after approval.
+pub fn register_gated<P, Prep, PrepFut, Run, RunFut>(
+    module: &mut RpcModule<AppState>,
+    name: &'static str,
+    prepare: Prep,
+    run: Run,
+) where
+    P: DeserializeOwned + Send + 'static,
+    Prep: Fn(Arc<AppState>, P) -> PrepFut + Clone + Send + Sync + 'static,
+    PrepFut: Future<Output = Result<Prepared<P>, ApiError>> + Send + 'static,
+    Run: Fn(Arc<AppState>, Approved<P>) -> RunFut + Clone + Send + Sync + 'static,
+    RunFut: Future<Output = ActionResult> + Send + 'static,
+{
+    module
+        .register_async_method(
+            name,
+            move |params: Params<'static>, state: Arc<AppState>, ext: Extensions| {
+                let (prepare, run) = (prepare.clone(), run.clone());
+                async move {
+                    let caller = ext
+                        .get::<Caller>()
+                        .cloned()
+                        .ok_or_else(|| ApiError::internal("no caller"))?;
+                    let raw: Map<String, Value> = parse_params(params.as_str())?;
+                    let p: P = parse_params(params.as_str())?;
+                    let prepared = prepare(state.clone(), p).await?;
+                    let approval_id = gate(&state, &caller, name, &raw, &prepared.summary).await?;
+                    run(
+                        state,
+                        Approved {
+                            params: prepared.params,
+                            approval_id,
+                        },
+                    )
+                    .await
+                }
+            },
+        )
+        .unwrap_or_else(|e| panic!("action {name} registered twice: {e}"));
+}
+
+/// Asks every session for an approval and waits for the decision.
+/// Ok(approval_id) once approved.
+async fn gate(
+    state: &Arc<AppState>,
+    caller: &Caller,
+    action: &str,
+    raw: &Map<String, Value>,
+    summary: &str,
+) -> Result<String, ApiError> {
+    let params = redact_secrets(&Value::Object(raw.clone()));
+    let action_digest = jcs_digest(&json!({"action": action, "params": params}));
+    let approval_id = format!("apr_{}", hex::encode(random_bytes::<12>()));
+    let challenge = b64(&random_bytes::<32>());
+    let now = state.clock.now_ms();
+    let expires_at = now + (state.config().approvals.timeout_secs as i64) * 1000;
+    let request = json!({
+        "approval_id": approval_id,
+        "request_id": &*caller.request_id,
+        "origin_device_id": &*caller.device_id,
+        "action": action,
+        "params": params,
+        "summary": summary,
+        "action_digest": action_digest,
+        "challenge": challenge,
+        "expires_at": expires_at,
+    });
+    let pending = Arc::new(Pending {
+        approval_id: approval_id.clone(),
+        action_digest,
+        challenge,
+        expires_at,
+        request: request.clone(),
+        decision: Mutex::new(None),
+        decided: Notify::new(),
+    });
+    let (id, req_text) = (approval_id.clone(), request.to_string());
+    state
+        .db
+        .call(move |c| {
+            c.execute(
+                "INSERT INTO approvals(approval_id, request_json, status, created_at, expires_at) VALUES (?1, ?2, 'pending', ?3, ?4)",
+                rusqlite::params![id, req_text, now, expires_at],
+            )?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    state
+        .approvals
+        .lock()
+        .insert(approval_id.clone(), pending.clone());
+    state
+        .audit(
+            Some(&caller.device_id),
+            "approval.requested",
+            Some(pending.action_digest.clone()),
+            "pending",
+            Some(&approval_id),
+        )
+        .await;
+    tracing::info!(approval = %approval_id, action, device = %caller.device_id, "approval requested");
+
+    state.sessions.broadcast(&pending.request_frame());
+    if let Some(origin) = state.sessions.get(&caller.session_id) {
+        origin.push_event(frames::event(
+            "approval_pending",
+            json!({"request_id": &*caller.request_id, "approval_id": approval_id, "expires_at": expires_at}),
+        ));
+    }
+
+    let expiry = state.clock.instant_at(expires_at);
+    let decision = tokio::select! {
+        _ = pending.decided.notified() => pending.decision(),
+        _ = tokio::time::sleep_until(expiry) => {
+            pending.decide(Decision::Expired, None);
+            pending.decision()
+        }
+        _ = state.shutdown.cancelled() => {
+            state.approvals.lock().remove(&approval_id);
+            return Err(ApiError::new(ErrorCode::Unavailable, "the server is shutting down; the approval was not decided and will be expired"));
+        }
+    };
+    let (decision, by) = decision.unwrap_or((Decision::Expired, None));
+    finish(state, &pending, decision, by.as_deref()).await;
+    match decision {
+        Decision::Approved => Ok(approval_id),
+        Decision::Denied => Err(ApiError::new(
+            ErrorCode::ApprovalDenied,
+            "the approval was denied on the phone",
+        )),
+        Decision::Expired => Err(ApiError::new(
+            ErrorCode::ApprovalExpired,
+            "no approval arrived in time; nothing was done",
+        )),
+    }
+}
+
+/// Persists and announces a decision.
+async fn finish(state: &AppState, p: &Pending, d: Decision, by: Option<&str>) {
+    state.approvals.lock().remove(&p.approval_id);
+    let (id, status, by_owned, now) = (
+        p.approval_id.clone(),
+        d.status(),
+        by.map(String::from),
+        state.clock.now_ms(),
+    );
+    let stored = state
+        .db
+        .call(move |c| {
+            c.execute(
+                "UPDATE approvals SET status = ?2, decided_at = ?3, decided_by = ?4 WHERE approval_id = ?1",
+                rusqlite::params![id, status, now, by_owned],
+            )?;
+            Ok(())
+        })
+        .await;
+    if let Err(e) = stored {
+        tracing::error!(error = %e, "cannot store an approval decision");
+    }
+    state
+        .audit(
+            by,
+            &format!("approval.{status}"),
+            Some(p.action_digest.clone()),
+            status,
+            Some(&p.approval_id),
+        )
+        .await;
+    tracing::info!(approval = %p.approval_id, status, "approval decided");
+    state.sessions.broadcast(
+        &json!({"type": "approval_result", "approval_id": p.approval_id, "status": status})
+            .to_string(),
+    );
+}
+
+/// Handles an `approval_response` frame; returns the error frame for its
+/// sender, or None when it decided the approval.
+pub async fn on_response(
+    state: &AppState,
+    from: &SessionHandle,
+    f: &Map<String, Value>,
+) -> Option<String> {
+    let approval_id = f.get("approval_id").and_then(Value::as_str);
+    let refuse = |code: ErrorCode, msg: &str| Some(frames::approval_error(code, msg, approval_id));
+    let (Some(approval_id), Some(device_id), Some(decision), Some(sig)) = (
+        approval_id,
+        f.get("device_id").and_then(Value::as_str),
+        f.get("decision").and_then(Value::as_str),
+        f.get("signature").and_then(Value::as_str),
+    ) else {
+        return refuse(
+            ErrorCode::InvalidRequest,
+            "approval_response needs string fields approval_id, device_id, decision, signature",
+        );
+    };
+    let wanted = match decision {
+        "approve" => Decision::Approved,
+        "deny" => Decision::Denied,
+        _ => {
+            return refuse(
+                ErrorCode::InvalidRequest,
+                "decision must be \"approve\" or \"deny\"",
+            );
+        }
+    };
+    let Some(sig) = unb64(sig) else {
+        return refuse(ErrorCode::InvalidRequest, "signature is not base64url");
+    };
+    let Some(pending) = state.approvals.get(approval_id) else {
+        return refuse(
+            ErrorCode::NotFound,
+            "no pending approval with this id (unknown, expired or already decided)",
+        );
+    };
+    if state.clock.now_ms() >= pending.expires_at {
+        if pending.decide(Decision::Expired, None) {
+            // Its waiter finishes it; answer as the timer would have.
+        }
+        return refuse(ErrorCode::NotFound, "this approval has expired");
+    }
+    let id = device_id.to_string();
+    let device = state
+        .db
+        .call(move |c| devices::get_device(c, &id))
+        .await
+        .ok()
+        .flatten();
+    let Some(device) = device.filter(|d| !d.revoked) else {
+        state
+            .audit(
+                Some(&from.device_id),
+                "approval.response",
+                None,
+                "forbidden",
+                Some(approval_id),
+            )
+            .await;
+        return refuse(
+            ErrorCode::Forbidden,
+            "the signing device is unknown or revoked",
+        );
+    };
+    let msg = signed_string(&[
+        APPROVAL_LABEL,
+        approval_id,
+        &pending.action_digest,
+        &pending.challenge,
+        decision,
+    ]);
+    if !device
+        .approval_key_alg
+        .verify(&device.approval_public_key, msg.as_bytes(), &sig)
+    {
+        state
+            .audit(
+                Some(&device.device_id),
+                "approval.response",
+                None,
+                "bad_signature",
+                Some(approval_id),
+            )
+            .await;
+        return refuse(
+            ErrorCode::BadSignature,
+            "the approval signature does not verify",
+        );
+    }
+    if !pending.decide(wanted, Some(device.device_id.clone())) {
+        return refuse(ErrorCode::NotFound, "this approval was already decided");
+    }
+    None
+}
+
+/// Sends every pending approval request to a session that just authenticated.
+pub async fn on_session_start(state: &AppState, session: &SessionHandle) {
+    let now = state.clock.now_ms();
+    for p in state.approvals.list() {
+        if p.expires_at > now && p.decision().is_none() {
+            session.push_event(p.request_frame());
+        }
+    }
+}
+
+/// `list_approvals`: the pending requests as sent, without `type`.
+pub fn list_pending(state: &AppState) -> Vec<Value> {
+    let now = state.clock.now_ms();
+    state
+        .approvals
+        .list()
+        .into_iter()
+        .filter(|p| p.expires_at > now && p.decision().is_none())
+        .map(|p| p.request.clone())
+        .collect()
+}
+
+/// After a restart, approvals that were pending are expired, never run.
+pub async fn expire_stale_on_start(state: &AppState) {
+    let now = state.clock.now_ms();
+    let stale = state
+        .db
+        .call(move |c| {
+            let tx = c.transaction()?;
+            let ids: Vec<(String, String)> = {
+                let mut st = tx.prepare(
+                    "SELECT approval_id, request_json FROM approvals WHERE status = 'pending'",
+                )?;
+                st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<Result<_, _>>()?
+            };
+            tx.execute(
+                "UPDATE approvals SET status = 'expired', decided_at = ?1 WHERE status = 'pending'",
+                [now],
+            )?;
+            tx.commit()?;
+            Ok(ids)
+        })
+        .await;
+    match stale {
+        Ok(ids) => {
+            for (id, req) in ids {
+                let v: Value = serde_json::from_str(&req).unwrap_or_default();
+                let device = v.get("origin_device_id").and_then(Value::as_str);
+                let digest = v
+                    .get("action_digest")
+                    .and_then(Value::as_str)
+                    .map(String::from);
+                state
+                    .audit(
+                        device,
+                        "approval.expired",
+                        digest,
+                        "expired_on_restart",
+                        Some(&id),
+                    )
+                    .await;
+                tracing::info!(approval = %id, "approval pending at shutdown expired");
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "cannot expire stale approvals"),
+    }
+}

@@ -1,0 +1,414 @@
+//! The handshake (SPEC §4): a connection's first answer to its `challenge`
+//! is either `auth` (a paired device) or `pair` (a new one, with a code).
+
+use std::net::IpAddr;
+
+use serde_json::Value;
+
+use super::keys::{
+    AUTH_LABEL, ApprovalAlg, PAIR_LABEL, b64, device_id_for, random_bytes, signed_string, unb64,
+    verify_ed25519,
+};
+use crate::protocol::AuthErrorCode;
+use crate::protocol::frames::{self, PROTOCOL};
+use crate::state::AppState;
+use crate::storage::devices::{self, NewDevice};
+
+/// The challenge issued on this connection.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    pub nonce: String,
+    pub ts: i64,
+}
+
+impl Issued {
+    pub fn new(ts: i64) -> Issued {
+        Issued {
+            nonce: b64(&random_bytes::<32>()),
+            ts,
+        }
+    }
+}
+
+/// A successful handshake: the connection is now this device's session.
+#[derive(Debug)]
+pub struct Authenticated {
+    pub device_id: String,
+    pub session_id: String,
+    /// `auth_ok` or `pair_ok`, to send.
+    pub reply: String,
+}
+
+/// A refused handshake: `auth_error` with this code, then close 4401.
+#[derive(Debug)]
+pub struct Refused {
+    pub code: AuthErrorCode,
+    pub message: String,
+    pub retry_after_ms: Option<u64>,
+}
+
+impl Refused {
+    fn new(code: AuthErrorCode, message: impl Into<String>) -> Refused {
+        Refused {
+            code,
+            message: message.into(),
+            retry_after_ms: None,
+        }
+    }
+    pub fn frame(&self) -> String {
+        frames::auth_error(self.code, &self.message, self.retry_after_ms)
+    }
+}
+
+use AuthErrorCode as E;
+
+fn str_field<'a>(v: &'a Value, name: &str) -> Result<&'a str, Refused> {
+    v.get(name).and_then(Value::as_str).ok_or_else(|| {
+        Refused::new(
+            E::InvalidRequest,
+            format!("missing or non-string field `{name}`"),
+        )
+    })
+}
+
+fn b64_field(v: &Value, name: &str, len: Option<usize>) -> Result<Vec<u8>, Refused> {
+    let bytes = unb64(str_field(v, name)?).ok_or_else(|| {
+        Refused::new(
+            E::InvalidRequest,
+            format!("field `{name}` is not base64url"),
+        )
+    })?;
+    match len {
+        Some(n) if bytes.len() != n => Err(Refused::new(
+            E::InvalidRequest,
+            format!(
+                "field `{name}` must decode to {n} bytes, got {}",
+                bytes.len()
+            ),
+        )),
+        _ => Ok(bytes),
+    }
+}
+
+fn new_session_id() -> String {
+    hex::encode(random_bytes::<16>())
+}
+
+/// Handles the first frame of a connection. Failures are counted for rate
+/// limiting (refusals are not) and audited.
+pub async fn handle(
+    state: &AppState,
+    issued: &Issued,
+    peer: IpAddr,
+    text: &str,
+) -> Result<Authenticated, Refused> {
+    let frame: Value = match serde_json::from_str(text) {
+        Ok(v @ Value::Object(_)) => v,
+        _ => {
+            return fail(
+                state,
+                peer,
+                false,
+                None,
+                Refused::new(E::InvalidRequest, "the frame is not a JSON object"),
+            )
+            .await;
+        }
+    };
+    let kind = frame.get("type").and_then(Value::as_str).unwrap_or("");
+    let pairing = kind == "pair";
+    if kind != "auth" && !pairing {
+        let msg = "authenticate first: answer the challenge with an `auth` or `pair` frame";
+        return fail(
+            state,
+            peer,
+            false,
+            None,
+            Refused::new(E::Unauthenticated, msg),
+        )
+        .await;
+    }
+    if let Err(ms) = state.limiter.check_peer(peer) {
+        return Err(Refused {
+            retry_after_ms: Some(ms),
+            ..Refused::new(
+                E::RateLimited,
+                "too many failed handshakes from this address; retry later",
+            )
+        });
+    }
+    if pairing && let Err(ms) = state.limiter.check_pairing() {
+        return Err(Refused {
+            retry_after_ms: Some(ms),
+            ..Refused::new(E::RateLimited, "too many failed pairings; retry later")
+        });
+    }
+    match frame.get("protocol") {
+        Some(p) if p.as_u64() == Some(PROTOCOL) => {}
+        Some(p) if p.is_number() => {
+            let r = Refused::new(
+                E::UnsupportedProtocol,
+                format!("protocol {p} is not supported; this server speaks {PROTOCOL}"),
+            );
+            return fail(state, peer, pairing, None, r).await;
+        }
+        _ => {
+            return fail(
+                state,
+                peer,
+                pairing,
+                None,
+                Refused::new(E::InvalidRequest, "missing or non-numeric field `protocol`"),
+            )
+            .await;
+        }
+    }
+    let result = if pairing {
+        pair(state, issued, &frame).await
+    } else {
+        auth(state, issued, &frame).await
+    };
+    match result {
+        Ok(ok) => {
+            let action = if pairing {
+                "handshake.pair"
+            } else {
+                "handshake.auth"
+            };
+            state
+                .audit(Some(&ok.device_id), action, None, "ok", None)
+                .await;
+            Ok(ok)
+        }
+        Err((device, r)) => fail(state, peer, pairing, device.as_deref(), r).await,
+    }
+}
+
+async fn fail(
+    state: &AppState,
+    peer: IpAddr,
+    pairing: bool,
+    device: Option<&str>,
+    r: Refused,
+) -> Result<Authenticated, Refused> {
+    state.limiter.record_failure(peer, pairing);
+    if pairing && matches!(r.code, E::InvalidCode | E::BadSignature) {
+        let now = state.clock.now_ms();
+        match state
+            .db
+            .call(move |c| devices::record_pair_failure(c, now))
+            .await
+        {
+            Ok(burnt) if burnt > 0 => tracing::warn!(
+                burnt,
+                "pairing codes burnt after repeated failures; make a new one with `secrets-agent pair`"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "cannot count a failed pairing"),
+        }
+    }
+    let action = if pairing {
+        "handshake.pair"
+    } else {
+        "handshake.auth"
+    };
+    tracing::info!(%peer, code = r.code.as_str(), action, "handshake refused");
+    state
+        .audit(device, action, None, r.code.as_str(), None)
+        .await;
+    Err(r)
+}
+
+type Failed = (Option<String>, Refused);
+
+async fn auth(state: &AppState, issued: &Issued, f: &Value) -> Result<Authenticated, Failed> {
+    let no_dev = |r| (None, r);
+    let device_id = str_field(f, "device_id").map_err(no_dev)?.to_string();
+    let nonce = str_field(f, "nonce").map_err(no_dev)?;
+    let client_nonce = str_field(f, "client_nonce").map_err(no_dev)?;
+    b64_field(f, "client_nonce", Some(32)).map_err(no_dev)?;
+    let ts = f.get("ts").and_then(Value::as_i64).ok_or_else(|| {
+        no_dev(Refused::new(
+            E::InvalidRequest,
+            "missing or non-integer field `ts`",
+        ))
+    })?;
+    let signature = b64_field(f, "signature", None).map_err(no_dev)?;
+    if nonce != issued.nonce || ts != issued.ts {
+        return Err(no_dev(Refused::new(
+            E::BadNonce,
+            "nonce or ts is not the one issued on this connection",
+        )));
+    }
+    let id = device_id.clone();
+    let device = state
+        .db
+        .call(move |c| devices::get_device(c, &id))
+        .await
+        .map_err(|e| {
+            no_dev(Refused::new(
+                E::InvalidRequest,
+                format!("storage error: {e}"),
+            ))
+        })?;
+    let Some(device) = device else {
+        return Err((
+            None,
+            Refused::new(E::UnknownDevice, "no device with this id is paired"),
+        ));
+    };
+    if device.revoked {
+        return Err((
+            Some(device_id),
+            Refused::new(E::Revoked, "this device was revoked; pair it again"),
+        ));
+    }
+    let msg = signed_string(&[
+        AUTH_LABEL,
+        state.key.public_b64(),
+        nonce,
+        &device_id,
+        client_nonce,
+        &ts.to_string(),
+    ]);
+    if !verify_ed25519(&device.public_key, msg.as_bytes(), &signature) {
+        return Err((
+            Some(device_id),
+            Refused::new(E::BadSignature, "the signature does not verify"),
+        ));
+    }
+    let session_id = new_session_id();
+    let sig = state
+        .key
+        .sign_auth_ok(&session_id, &device_id, client_nonce);
+    let (id, now) = (device_id.clone(), state.clock.now_ms());
+    let _ = state
+        .db
+        .call(move |c| devices::touch_last_seen(c, &id, now))
+        .await;
+    Ok(Authenticated {
+        reply: frames::auth_ok(&session_id, &device_id, &sig),
+        device_id,
+        session_id,
+    })
+}
+
+async fn pair(state: &AppState, issued: &Issued, f: &Value) -> Result<Authenticated, Failed> {
+    let no_dev = |r| (None, r);
+    let code = str_field(f, "code").map_err(no_dev)?.to_string();
+    let device_name = str_field(f, "device_name")
+        .map_err(no_dev)?
+        .trim()
+        .to_string();
+    if device_name.is_empty() || device_name.chars().count() > 128 {
+        return Err(no_dev(Refused::new(
+            E::InvalidRequest,
+            "`device_name` must have 1 to 128 characters",
+        )));
+    }
+    let device_pk_s = str_field(f, "device_public_key").map_err(no_dev)?;
+    let device_pk = b64_field(f, "device_public_key", Some(32)).map_err(no_dev)?;
+    if !ApprovalAlg::Ed25519.valid_public_key(&device_pk) {
+        return Err(no_dev(Refused::new(
+            E::InvalidRequest,
+            "`device_public_key` is not an Ed25519 public key",
+        )));
+    }
+    let alg_s = match f.get("approval_key_alg") {
+        None | Some(Value::Null) => "ed25519",
+        Some(v) => v.as_str().ok_or_else(|| {
+            no_dev(Refused::new(
+                E::InvalidRequest,
+                "`approval_key_alg` must be a string",
+            ))
+        })?,
+    };
+    let alg = ApprovalAlg::parse(alg_s).ok_or_else(|| {
+        no_dev(Refused::new(
+            E::InvalidRequest,
+            "`approval_key_alg` must be \"ed25519\" or \"es256\"",
+        ))
+    })?;
+    let approval_pk_s = str_field(f, "approval_public_key").map_err(no_dev)?;
+    let approval_pk = b64_field(f, "approval_public_key", None).map_err(no_dev)?;
+    if !alg.valid_public_key(&approval_pk) {
+        let want = if alg == ApprovalAlg::Es256 {
+            "a 65-byte uncompressed P-256 point"
+        } else {
+            "a 32-byte Ed25519 key"
+        };
+        return Err(no_dev(Refused::new(
+            E::InvalidRequest,
+            format!("`approval_public_key` must be {want}"),
+        )));
+    }
+    let client_nonce = str_field(f, "client_nonce").map_err(no_dev)?;
+    b64_field(f, "client_nonce", Some(32)).map_err(no_dev)?;
+    let signature = b64_field(f, "signature", None).map_err(no_dev)?;
+    let approval_signature = b64_field(f, "approval_signature", None).map_err(no_dev)?;
+
+    let now = state.clock.now_ms();
+    let c2 = code.clone();
+    let live = state
+        .db
+        .call(move |c| devices::code_is_live(c, &c2, now))
+        .await
+        .unwrap_or(false);
+    if !live {
+        return Err(no_dev(Refused::new(
+            E::InvalidCode,
+            "the pairing code is unknown, used, expired or burnt; make a new one with `secrets-agent pair`",
+        )));
+    }
+    let msg = signed_string(&[
+        PAIR_LABEL,
+        state.key.public_b64(),
+        &issued.nonce,
+        &code,
+        device_pk_s,
+        approval_pk_s,
+        client_nonce,
+    ]);
+    let device_id = device_id_for(&device_pk);
+    if !verify_ed25519(&device_pk, msg.as_bytes(), &signature)
+        || !alg.verify(&approval_pk, msg.as_bytes(), &approval_signature)
+    {
+        return Err((
+            Some(device_id),
+            Refused::new(E::BadSignature, "a pairing signature does not verify"),
+        ));
+    }
+    let new = NewDevice {
+        device_id: device_id.clone(),
+        device_name,
+        public_key: device_pk,
+        approval_public_key: approval_pk,
+        approval_key_alg: alg,
+    };
+    let stored = state
+        .db
+        .call(move |c| devices::complete_pairing(c, &code, now, &new))
+        .await
+        .map_err(|e| {
+            no_dev(Refused::new(
+                E::InvalidRequest,
+                format!("storage error: {e}"),
+            ))
+        })?;
+    if stored.is_none() {
+        return Err(no_dev(Refused::new(
+            E::InvalidCode,
+            "the pairing code was used meanwhile",
+        )));
+    }
+    tracing::info!(device = %device_id, alg = alg.as_str(), "device paired");
+    let session_id = new_session_id();
+    let sig = state
+        .key
+        .sign_auth_ok(&session_id, &device_id, client_nonce);
+    Ok(Authenticated {
+        reply: frames::pair_ok(&device_id, &session_id, state.key.public_b64(), &sig),
+        device_id,
+        session_id,
+    })
+}

@@ -1,0 +1,309 @@
+//! `config.toml`: the typed configuration, its commented default text, and
+//! the sanitized view `get_config` shows (SPEC §7).
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// A configuration secret. Its `Debug` and `Display` never show the value.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Secret {
+        Secret(s.into())
+    }
+    /// The value, for the one place that must use it (the LLM client).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub llm: LlmConfig,
+    pub scheduler: SchedulerConfig,
+    pub audit: AuditConfig,
+    pub memory: MemoryConfig,
+    pub approvals: ApprovalsConfig,
+    /// `[[tasks]]`, kept raw: each is parsed by the scheduler on its own, so
+    /// one bad task never stops the server.
+    pub tasks: Vec<toml::Table>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub listen: String,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub allow_insecure: bool,
+    pub max_frame_bytes: usize,
+    pub max_in_flight: usize,
+    pub auth_timeout_secs: u64,
+    pub auth_failures_per_minute: u32,
+    pub pair_failures_per_minute: u32,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LlmConfig {
+    pub provider: String,
+    pub model: String,
+    pub api_key: Option<Secret>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SchedulerConfig {
+    pub enabled: bool,
+    pub check_interval_secs: u64,
+    pub timezone: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MemoryConfig {
+    pub model_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApprovalsConfig {
+    pub timeout_secs: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            server: ServerConfig::default(),
+            llm: LlmConfig::default(),
+            scheduler: SchedulerConfig::default(),
+            audit: AuditConfig::default(),
+            memory: MemoryConfig::default(),
+            approvals: ApprovalsConfig::default(),
+            tasks: Vec::new(),
+        }
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "127.0.0.1:7420".into(),
+            tls_cert: None,
+            tls_key: None,
+            allow_insecure: false,
+            max_frame_bytes: 1 << 20,
+            max_in_flight: 64,
+            auth_timeout_secs: 10,
+            auth_failures_per_minute: 20,
+            pair_failures_per_minute: 100,
+        }
+    }
+}
+
+impl Default for LlmConfig {
+    fn default() -> Self {
+        LlmConfig {
+            provider: "anthropic".into(),
+            model: "claude-sonnet-4-5".into(),
+            api_key: None,
+        }
+    }
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            enabled: true,
+            check_interval_secs: 30,
+            timezone: "UTC".into(),
+        }
+    }
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            dir: "audit".into(),
+        }
+    }
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        MemoryConfig {
+            model_dir: "models/all-MiniLM-L6-v2".into(),
+        }
+    }
+}
+
+impl Default for ApprovalsConfig {
+    fn default() -> Self {
+        ApprovalsConfig { timeout_secs: 120 }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path} is not valid configuration: {message}")]
+    Invalid { path: String, message: String },
+}
+
+impl Config {
+    /// Parses and validates configuration text.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Invalid {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        cfg.validate().map_err(|message| ConfigError::Invalid {
+            path: path.display().to_string(),
+            message,
+        })?;
+        Ok(cfg)
+    }
+
+    /// Reads `path`; a missing file means the embedded defaults.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Config::parse(&text, path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Config::default()),
+            Err(source) => Err(ConfigError::Io {
+                path: path.display().to_string(),
+                source,
+            }),
+        }
+    }
+
+    /// Range checks (SPEC §7). Returns a message naming the bad key.
+    pub fn validate(&self) -> Result<(), String> {
+        let range = |name: &str, v: u64, lo: u64, hi: u64| {
+            if v < lo || v > hi {
+                Err(format!("{name} must be in {lo}..={hi}, got {v}"))
+            } else {
+                Ok(())
+            }
+        };
+        range(
+            "scheduler.check_interval_secs",
+            self.scheduler.check_interval_secs,
+            1,
+            86400,
+        )?;
+        range(
+            "approvals.timeout_secs",
+            self.approvals.timeout_secs,
+            1,
+            86400,
+        )?;
+        range(
+            "server.auth_timeout_secs",
+            self.server.auth_timeout_secs,
+            1,
+            3600,
+        )?;
+        range(
+            "server.max_in_flight",
+            self.server.max_in_flight as u64,
+            1,
+            65536,
+        )?;
+        range(
+            "server.max_frame_bytes",
+            self.server.max_frame_bytes as u64,
+            1024,
+            64 << 20,
+        )?;
+        if self.scheduler.timezone.parse::<chrono_tz::Tz>().is_err() {
+            return Err(format!(
+                "scheduler.timezone {:?} is not an IANA time zone name",
+                self.scheduler.timezone
+            ));
+        }
+        if self.llm.provider.trim().is_empty() {
+            return Err("llm.provider must not be empty".into());
+        }
+        if self.server.tls_cert.is_some() != self.server.tls_key.is_some() {
+            return Err("server.tls_cert and server.tls_key must be set together".into());
+        }
+        Ok(())
+    }
+
+    /// A path from the config, relative to the data dir unless absolute.
+    pub fn resolve(data_dir: &Path, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            data_dir.join(p)
+        }
+    }
+
+    /// The sanitized view of SPEC §6 `get_config`: never a secret.
+    pub fn public_view(&self) -> serde_json::Value {
+        serde_json::json!({
+            "llm_provider": self.llm.provider,
+            "llm_model": self.llm.model,
+            "scheduler_enabled": self.scheduler.enabled,
+            "scheduler_check_interval_secs": self.scheduler.check_interval_secs,
+            "audit_dir": self.audit.dir.display().to_string(),
+        })
+    }
+}
+
+/// The commented `config.toml` written on first start.
+pub const DEFAULT_CONFIG_TOML: &str = include_str!("default_config.toml");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_text_parses_to_defaults_plus_default_tasks() {
+        let c = Config::parse(DEFAULT_CONFIG_TOML, Path::new("config.toml")).unwrap();
+        assert_eq!(c.server, ServerConfig::default());
+        assert_eq!(c.approvals.timeout_secs, 120);
+        assert_eq!(c.scheduler.timezone, "UTC");
+    }
+
+    #[test]
+    fn secret_debug_is_redacted() {
+        let c = LlmConfig {
+            api_key: Some(Secret::new("sk-live-123")),
+            ..Default::default()
+        };
+        assert!(!format!("{c:?}").contains("sk-live"));
+    }
+
+    #[test]
+    fn unknown_key_and_range_are_refused() {
+        assert!(Config::parse("[server]\nlisten_typo = 1\n", Path::new("c")).is_err());
+        assert!(Config::parse("[approvals]\ntimeout_secs = 0\n", Path::new("c")).is_err());
+        assert!(Config::parse("[scheduler]\ntimezone = \"Mars/Base\"\n", Path::new("c")).is_err());
+    }
+}

@@ -1,0 +1,629 @@
+//! One connection: HTTP upgrade on `/ws`, the handshake, then the session
+//! loop that reads frames, runs requests concurrently and writes responses
+//! through a bounded outbox (SPEC §4, §5).
+//!
+//! Handlers never see bytes or WebSocket messages: this module turns frames
+//! into calls on the `Registry` and results back into frames.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Map, Value};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{Notify, mpsc};
+use tokio::time::{Instant, sleep, timeout};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+
+use crate::auth::handshake::{self, Authenticated, Issued};
+use crate::protocol::frames;
+use crate::protocol::{ApiError, ErrorCode, close};
+use crate::rpc::{Caller, Registry};
+use crate::sessions::{OUTBOX_CAPACITY, Outbound, SessionHandle};
+use crate::state::AppState;
+
+/// Any byte stream a connection can run on (TCP or TLS over TCP).
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+pub type BoxIo = Box<dyn Io>;
+
+type Ws = WebSocketStream<BoxIo>;
+
+const PING_EVERY: Duration = Duration::from_secs(20);
+const SILENCE_LIMIT: Duration = Duration::from_secs(60);
+const MAX_HTTP_HEAD: usize = 16 * 1024;
+/// How long a response may wait for room in a full outbox before the session
+/// is closed as a slow consumer.
+const OUTBOX_SEND_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long shutdown waits for a session's in-flight requests.
+const DRAIN_ON_SHUTDOWN: Duration = Duration::from_secs(10);
+/// `retry_after_ms` suggested with `busy`.
+const BUSY_RETRY_MS: u64 = 50;
+
+/// Serves one accepted connection to the end.
+pub async fn serve(state: Arc<AppState>, registry: Registry, io: BoxIo, peer: SocketAddr) {
+    let cfg = state.config();
+    let auth_deadline = Instant::now() + Duration::from_secs(cfg.server.auth_timeout_secs);
+    let upgraded = tokio::select! {
+        r = timeout_at(auth_deadline, upgrade(io, cfg.server.max_frame_bytes)) => r,
+        _ = state.shutdown.cancelled() => return,
+    };
+    let Some(Ok(ws)) = upgraded else { return };
+    let (sink, mut stream) = ws.split();
+    let (tx, rx) = mpsc::channel::<Outbound>(OUTBOX_CAPACITY);
+    let (close_tx, close_rx) = tokio::sync::oneshot::channel::<(u16, String)>();
+    let writer = state.tasks.spawn(write_loop(sink, rx, close_rx));
+    let mut closer = Closer {
+        close_tx: Some(close_tx),
+    };
+
+    let issued = Issued::new(state.clock.now_ms());
+    let _ = tx
+        .send(Outbound::Text(frames::challenge(
+            state.key.public_b64(),
+            &issued.nonce,
+            issued.ts,
+        )))
+        .await;
+
+    let authed = tokio::select! {
+        r = handshake_phase(&state, &issued, peer, &mut stream, &tx, &mut closer) => r,
+        _ = tokio::time::sleep_until(auth_deadline) => {
+            closer.close(close::AUTH_TIMEOUT, "authentication timeout");
+            None
+        }
+        _ = state.shutdown.cancelled() => {
+            closer.close(close::GOING_AWAY, "server shutting down");
+            None
+        }
+    };
+    if let Some(a) = authed {
+        let _ = tx.send(Outbound::Text(a.reply.clone())).await;
+        let mut session = Session::new(
+            state.clone(),
+            registry,
+            &a,
+            tx.clone(),
+            cfg.server.max_in_flight,
+        );
+        session.run(&mut stream, &mut closer).await;
+    }
+    drop(tx);
+    // Let the writer send the close frame, and keep reading meanwhile so the
+    // peer's unread bytes do not turn our FIN into a reset.
+    let drain = async { while let Some(Ok(_)) = stream.next().await {} };
+    let _ = timeout(Duration::from_secs(2), async {
+        tokio::join!(drain, async {
+            let _ = writer.await;
+        })
+    })
+    .await;
+}
+
+async fn timeout_at<F: std::future::Future>(deadline: Instant, f: F) -> Option<F::Output> {
+    tokio::time::timeout_at(deadline, f).await.ok()
+}
+
+/// Sends the close frame once.
+struct Closer {
+    close_tx: Option<tokio::sync::oneshot::Sender<(u16, String)>>,
+}
+
+impl Closer {
+    fn close(&mut self, code: u16, reason: &str) {
+        if let Some(tx) = self.close_tx.take() {
+            let _ = tx.send((code, reason.to_string()));
+        }
+    }
+}
+
+/// Reads the HTTP request head; answers 404 for any path but `/ws`, 426 for
+/// a non-upgrade request, and 101 to a WebSocket upgrade.
+async fn upgrade(mut io: BoxIo, max_frame_bytes: usize) -> std::io::Result<Ws> {
+    let mut buf = Vec::with_capacity(1024);
+    let head_len = loop {
+        let mut chunk = [0u8; 2048];
+        let n = io.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(pos) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break pos + 4;
+        }
+        if buf.len() > MAX_HTTP_HEAD {
+            io.write_all(b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").await?;
+            return Err(std::io::ErrorKind::InvalidData.into());
+        }
+    };
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut req = httparse::Request::new(&mut headers);
+    let parsed = req.parse(&buf[..head_len]);
+    let path = req.path.unwrap_or("");
+    let path_only = path.split('?').next().unwrap_or("");
+    if parsed.is_err() || req.method != Some("GET") || path_only != "/ws" {
+        let status = if parsed.is_err() {
+            "400 Bad Request"
+        } else {
+            "404 Not Found"
+        };
+        let resp = format!(
+            "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-length: 10\r\nconnection: close\r\n\r\nnot found\n"
+        );
+        io.write_all(resp.as_bytes()).await?;
+        let _ = io.shutdown().await;
+        return Err(std::io::ErrorKind::NotFound.into());
+    }
+    let header = |name: &str| {
+        req.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value)
+    };
+    let is_upgrade = header("upgrade").is_some_and(|v| v.eq_ignore_ascii_case(b"websocket"));
+    let key = header("sec-websocket-key");
+    let version_ok = header("sec-websocket-version") == Some(b"13".as_slice());
+    let (true, Some(key), true) = (is_upgrade, key, version_ok) else {
+        let body = "this endpoint speaks WebSocket (version 13) only\n";
+        let resp = format!(
+            "HTTP/1.1 426 Upgrade Required\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        io.write_all(resp.as_bytes()).await?;
+        let _ = io.shutdown().await;
+        return Err(std::io::ErrorKind::InvalidData.into());
+    };
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key);
+    let resp = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: {accept}\r\n\r\n"
+    );
+    io.write_all(resp.as_bytes()).await?;
+    let leftover = buf[head_len..].to_vec();
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(max_frame_bytes))
+        .max_frame_size(Some(max_frame_bytes));
+    Ok(WebSocketStream::from_partially_read(io, leftover, Role::Server, Some(config)).await)
+}
+
+/// Writes queued frames, flushing once per batch, then the close frame.
+async fn write_loop(
+    mut sink: SplitSink<Ws, Message>,
+    mut rx: mpsc::Receiver<Outbound>,
+    mut close_rx: tokio::sync::oneshot::Receiver<(u16, String)>,
+) {
+    let to_msg = |o: Outbound| match o {
+        Outbound::Text(t) => Message::text(t),
+        Outbound::Ping => Message::Ping(Default::default()),
+    };
+    loop {
+        tokio::select! {
+            biased;
+            first = rx.recv() => {
+                let Some(first) = first else { break };
+                if sink.feed(to_msg(first)).await.is_err() {
+                    return;
+                }
+                let mut n = 1;
+                while n < 256 {
+                    match rx.try_recv() {
+                        Ok(o) => {
+                            if sink.feed(to_msg(o)).await.is_err() {
+                                return;
+                            }
+                            n += 1;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                if sink.flush().await.is_err() {
+                    return;
+                }
+            }
+            c = &mut close_rx => {
+                // Send what is already queued (e.g. an auth_error), then close.
+                while let Ok(o) = rx.try_recv() {
+                    if sink.feed(to_msg(o)).await.is_err() {
+                        return;
+                    }
+                }
+                if let Ok((code, reason)) = c {
+                    let frame = CloseFrame { code: CloseCode::from(code), reason: reason.into() };
+                    let _ = sink.send(Message::Close(Some(frame))).await;
+                }
+                let _ = sink.flush().await;
+                return;
+            }
+        }
+    }
+    // Every sender is gone: the connection is over without a close request.
+    let _ = sink.close().await;
+}
+
+/// Reads until the handshake succeeds or fails.
+async fn handshake_phase(
+    state: &AppState,
+    issued: &Issued,
+    peer: SocketAddr,
+    stream: &mut SplitStream<Ws>,
+    tx: &mpsc::Sender<Outbound>,
+    closer: &mut Closer,
+) -> Option<Authenticated> {
+    while let Some(msg) = stream.next().await {
+        let text = match msg {
+            Ok(Message::Text(t)) => t,
+            // Not JSON text: refused as `invalid_request` like any malformed frame.
+            Ok(Message::Binary(_)) => Default::default(),
+            Ok(Message::Close(_)) => return None,
+            Ok(_) => continue,
+            Err(WsError::Capacity(CapacityError::MessageTooLong { .. })) => {
+                closer.close(close::TOO_BIG, "frame too large");
+                return None;
+            }
+            Err(_) => return None,
+        };
+        return match handshake::handle(state, issued, peer.ip(), text.as_str()).await {
+            Ok(a) => Some(a),
+            Err(refused) => {
+                // Queued before the close request, so the writer sends it first.
+                let _ = tx.send(Outbound::Text(refused.frame())).await;
+                closer.close(close::AUTH_FAILED, refused.code.as_str());
+                None
+            }
+        };
+    }
+    None
+}
+
+/// In-flight request ids of one session (envelope and JSON-RPC tracked apart).
+#[derive(Default)]
+struct InFlight {
+    envelope: Mutex<HashSet<String>>,
+    jsonrpc: Mutex<HashSet<String>>,
+    count: AtomicUsize,
+    idle: Notify,
+}
+
+impl InFlight {
+    fn set(&self, jsonrpc: bool) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        let m = if jsonrpc {
+            &self.jsonrpc
+        } else {
+            &self.envelope
+        };
+        m.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Err(code) if the id is a duplicate or the session is at its cap.
+    fn try_insert(&self, jsonrpc: bool, id: &str, max: usize) -> Result<(), ErrorCode> {
+        let mut set = self.set(jsonrpc);
+        if set.contains(id) {
+            return Err(ErrorCode::DuplicateRequestId);
+        }
+        if self.count.load(Ordering::SeqCst) >= max {
+            return Err(ErrorCode::Busy);
+        }
+        set.insert(id.to_string());
+        self.count.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn remove(&self, jsonrpc: bool, id: &str) {
+        if self.set(jsonrpc).remove(id) && self.count.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.idle.notify_waiters();
+        }
+    }
+
+    async fn wait_idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            if self.count.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// An authenticated session.
+struct Session {
+    state: Arc<AppState>,
+    registry: Registry,
+    handle: Arc<SessionHandle>,
+    tx: mpsc::Sender<Outbound>,
+    inflight: Arc<InFlight>,
+    max_in_flight: usize,
+}
+
+impl Session {
+    fn new(
+        state: Arc<AppState>,
+        registry: Registry,
+        a: &Authenticated,
+        tx: mpsc::Sender<Outbound>,
+        max_in_flight: usize,
+    ) -> Session {
+        let handle = Arc::new(SessionHandle::new(
+            a.session_id.as_str().into(),
+            a.device_id.as_str().into(),
+            tx.clone(),
+        ));
+        Session {
+            state,
+            registry,
+            handle,
+            tx,
+            inflight: Arc::default(),
+            max_in_flight,
+        }
+    }
+
+    async fn run(&mut self, stream: &mut SplitStream<Ws>, closer: &mut Closer) {
+        self.state.sessions.insert(self.handle.clone());
+        tracing::info!(session = %self.handle.session_id, device = %self.handle.device_id, "session started");
+        crate::approvals::on_session_start(&self.state, &self.handle).await;
+        let mut ping = tokio::time::interval_at(Instant::now() + PING_EVERY, PING_EVERY);
+        let silence = sleep(SILENCE_LIMIT);
+        tokio::pin!(silence);
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.handle.closed() => {
+                    let code = self.handle.close_code();
+                    let reason = if code == close::REVOKED { "device revoked" } else { "closed by server" };
+                    closer.close(code, reason);
+                    break;
+                }
+                _ = self.state.shutdown.cancelled() => {
+                    let _ = timeout(DRAIN_ON_SHUTDOWN, self.inflight.wait_idle()).await;
+                    closer.close(close::GOING_AWAY, "server shutting down");
+                    break;
+                }
+                _ = &mut silence => {
+                    closer.close(close::POLICY, "no traffic for 60 s");
+                    break;
+                }
+                _ = ping.tick() => {
+                    let _ = self.tx.try_send(Outbound::Ping);
+                }
+                msg = stream.next() => {
+                    silence.as_mut().reset(Instant::now() + SILENCE_LIMIT);
+                    match msg {
+                        Some(Ok(Message::Text(t))) => self.on_text(t.as_str()).await,
+                        Some(Ok(Message::Binary(_))) => {
+                            self.send(frames::error(ErrorCode::InvalidRequest, "binary frames are not accepted: send JSON in text frames")).await;
+                        }
+                        Some(Ok(Message::Close(_))) | None => break,
+                        Some(Ok(_)) => {}
+                        Some(Err(WsError::Capacity(CapacityError::MessageTooLong { size, max_size }))) => {
+                            tracing::info!(session = %self.handle.session_id, size, max_size, "frame too large");
+                            closer.close(close::TOO_BIG, "frame too large");
+                            break;
+                        }
+                        Some(Err(_)) => break,
+                    }
+                }
+            }
+        }
+        self.state.sessions.remove(&self.handle.session_id);
+        tracing::info!(session = %self.handle.session_id, "session ended");
+    }
+
+    async fn send(&self, frame: String) {
+        let _ = self.tx.send(Outbound::Text(frame)).await;
+    }
+
+    async fn on_text(&self, text: &str) {
+        let v: Value = match serde_json::from_str(text) {
+            Ok(v) => v,
+            Err(e) => {
+                return self
+                    .send(frames::error(
+                        ErrorCode::InvalidJson,
+                        &format!("not JSON: {e}"),
+                    ))
+                    .await;
+            }
+        };
+        let obj = match v {
+            Value::Object(o) => o,
+            Value::Array(_) => {
+                let err = ApiError::invalid(
+                    "JSON-RPC batches are not supported: send one request per frame",
+                );
+                return self.send(frames::jsonrpc_error(&Value::Null, &err)).await;
+            }
+            _ => {
+                return self
+                    .send(frames::error(
+                        ErrorCode::InvalidRequest,
+                        "a frame must be a JSON object",
+                    ))
+                    .await;
+            }
+        };
+        if obj.contains_key("jsonrpc") {
+            return self.on_jsonrpc(obj).await;
+        }
+        match obj.get("type").and_then(Value::as_str) {
+            Some("admin") => self.on_admin(obj).await,
+            Some("approval_response") => {
+                let reply = crate::approvals::on_response(&self.state, &self.handle, &obj).await;
+                if let Some(r) = reply {
+                    self.send(r).await;
+                }
+            }
+            Some(other) => {
+                let msg = format!(
+                    "unknown frame type {:?}",
+                    other.chars().take(64).collect::<String>()
+                );
+                self.send(frames::error(ErrorCode::InvalidRequest, &msg))
+                    .await
+            }
+            None => {
+                self.send(frames::error(
+                    ErrorCode::InvalidRequest,
+                    "missing or non-string field `type`",
+                ))
+                .await
+            }
+        }
+    }
+
+    async fn on_admin(&self, mut obj: Map<String, Value>) {
+        let rid = match obj.get("request_id") {
+            Some(Value::String(s)) if !s.is_empty() && s.chars().count() <= 128 => s.clone(),
+            _ => {
+                let msg = "`request_id` must be a string of 1 to 128 characters";
+                return self
+                    .send(frames::error(ErrorCode::InvalidRequest, msg))
+                    .await;
+            }
+        };
+        let mut payload = match obj.remove("payload") {
+            Some(Value::Object(p)) => p,
+            _ => {
+                return self
+                    .send(frames::admin_error(
+                        &rid,
+                        &ApiError::invalid("`payload` must be an object"),
+                    ))
+                    .await;
+            }
+        };
+        let action = match payload.remove("action") {
+            Some(Value::String(a)) => a,
+            _ => {
+                let err = ApiError::invalid("`payload.action` must be a string");
+                return self.send(frames::admin_error(&rid, &err)).await;
+            }
+        };
+        if let Err(code) = self.inflight.try_insert(false, &rid, self.max_in_flight) {
+            return self
+                .send(frames::admin_error(
+                    &rid,
+                    &refusal(code, self.max_in_flight),
+                ))
+                .await;
+        }
+        let caller = self.caller(&rid);
+        let (state, registry, tx, inflight, handle) = (
+            self.state.clone(),
+            self.registry.clone(),
+            self.tx.clone(),
+            self.inflight.clone(),
+            self.handle.clone(),
+        );
+        self.state.tasks.spawn(async move {
+            let out = registry.call(&state, &action, payload, caller).await;
+            let frame = match out {
+                Ok(raw) => frames::admin_response_raw(&rid, &raw),
+                Err(e) => frames::admin_error(&rid, &e),
+            };
+            deliver(&tx, &handle, frame).await;
+            inflight.remove(false, &rid);
+        });
+    }
+
+    async fn on_jsonrpc(&self, mut obj: Map<String, Value>) {
+        let id = obj.remove("id");
+        let well_formed_id = matches!(
+            id,
+            None | Some(Value::String(_) | Value::Number(_) | Value::Null)
+        );
+        let reply_id = if well_formed_id {
+            id.clone().unwrap_or(Value::Null)
+        } else {
+            Value::Null
+        };
+        let version_ok = obj.get("jsonrpc").and_then(Value::as_str) == Some("2.0");
+        let method = obj.remove("method");
+        let (true, true, Some(Value::String(method))) = (well_formed_id, version_ok, method) else {
+            let err = ApiError::invalid(
+                "malformed JSON-RPC 2.0 request: needs \"jsonrpc\":\"2.0\", a string `method` and a string, number or null `id`",
+            );
+            return self.send(frames::jsonrpc_error(&reply_id, &err)).await;
+        };
+        let Some(id) = id else { return }; // a notification: not executed, no reply
+        let params = match obj.remove("params") {
+            None | Some(Value::Null) => Map::new(),
+            Some(Value::Object(p)) => p,
+            Some(_) => {
+                let err = ApiError::invalid("params must be an object of named params");
+                return self.send(frames::jsonrpc_error(&id, &err)).await;
+            }
+        };
+        let key = match &id {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        if let Err(code) = self.inflight.try_insert(true, &key, self.max_in_flight) {
+            return self
+                .send(frames::jsonrpc_error(
+                    &id,
+                    &refusal(code, self.max_in_flight),
+                ))
+                .await;
+        }
+        let caller = self.caller(&key);
+        let (state, registry, tx, inflight, handle) = (
+            self.state.clone(),
+            self.registry.clone(),
+            self.tx.clone(),
+            self.inflight.clone(),
+            self.handle.clone(),
+        );
+        self.state.tasks.spawn(async move {
+            let out = registry.call(&state, &method, params, caller).await;
+            let frame = match out {
+                Ok(raw) => {
+                    serde_json::json!({"jsonrpc": "2.0", "id": id, "result": raw}).to_string()
+                }
+                Err(e) => frames::jsonrpc_error(&id, &e),
+            };
+            deliver(&tx, &handle, frame).await;
+            inflight.remove(true, &key);
+        });
+    }
+
+    fn caller(&self, request_id: &str) -> Caller {
+        Caller {
+            session_id: self.handle.session_id.clone(),
+            device_id: self.handle.device_id.clone(),
+            request_id: request_id.into(),
+        }
+    }
+}
+
+fn refusal(code: ErrorCode, max: usize) -> ApiError {
+    match code {
+        ErrorCode::Busy => ApiError::new(
+            ErrorCode::Busy,
+            format!("{max} requests are already in flight on this session"),
+        )
+        .with_retry_after(BUSY_RETRY_MS),
+        _ => ApiError::new(
+            code,
+            "a request with this id is still in flight on this session",
+        ),
+    }
+}
+
+/// Queues a response; a session that does not make room in time is closed.
+async fn deliver(tx: &mpsc::Sender<Outbound>, handle: &SessionHandle, frame: String) {
+    if let Err(mpsc::error::SendTimeoutError::Timeout(_)) = tx
+        .send_timeout(Outbound::Text(frame), OUTBOX_SEND_TIMEOUT)
+        .await
+    {
+        tracing::warn!(session = %handle.session_id, "response not taken in time: closing slow session");
+        handle.close(close::SLOW_CONSUMER);
+    }
+}

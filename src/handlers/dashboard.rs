@@ -1,0 +1,21 @@
+//! `get_dashboard`: the agent at a glance (SPEC §6). Served from memory, no I/O.
+
+use std::sync::Arc;
+
+use serde_json::json;
+
+use crate::rpc::{ActionResult, Caller, NoParams};
+use crate::state::AppState;
+
+pub async fn get_dashboard(state: Arc<AppState>, _caller: Caller, _p: NoParams) -> ActionResult {
+    Ok(json!({
+        "result": "dashboard",
+        "connected": true,
+        "connected_devices": state.sessions.connected_devices(),
+        "memory_count": 0,
+        "plugin_count": 0,
+        "skill_count": 0,
+        "scheduled_task_count": 0,
+        "recent_executions": [],
+    }))
+}

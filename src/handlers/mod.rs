@@ -1,0 +1,27 @@
+//! Actions, one module per domain. This file is the dispatch table: every
+//! action the server answers is named here once. Gated actions (biometric
+//! approval) are registered with `register_gated`.
+
+pub mod approvals;
+pub mod config;
+pub mod dashboard;
+pub mod devices;
+
+use jsonrpsee_core::server::RpcModule;
+
+use crate::approvals::register_gated;
+use crate::rpc::register;
+use crate::state::AppState;
+
+pub fn register_all(m: &mut RpcModule<AppState>) {
+    register(m, "get_dashboard", dashboard::get_dashboard);
+    register(m, "get_config", config::get_config);
+    register(m, "list_devices", devices::list_devices);
+    register(m, "list_approvals", approvals::list_approvals);
+    register_gated(
+        m,
+        "revoke_device",
+        devices::prepare_revoke,
+        devices::revoke_device,
+    );
+}

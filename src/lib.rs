@@ -1,0 +1,20 @@
+//! secrets-agent: the control plane of a personal AI agent. A paired phone
+//! connects over a WebSocket, authenticates with Ed25519 and administers the
+//! agent; destructive actions wait for a biometric approval.
+//!
+//! See ARCHITECTURE.md for the map. The entry point is [`server::start`].
+
+pub mod approvals;
+pub mod auth;
+pub mod clock;
+pub mod config;
+pub mod connection;
+pub mod handlers;
+pub mod protocol;
+pub mod rpc;
+pub mod server;
+pub mod sessions;
+pub mod state;
+pub mod storage;
+
+pub use server::{Options, ServerHandle, StartError, start};

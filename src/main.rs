@@ -1,0 +1,257 @@
+//! The `secrets-agent` binary: command line, logging, signals (SPEC §2).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use secrets_agent::auth::keys::ServerKey;
+use secrets_agent::auth::pairing::create_offer;
+use secrets_agent::clock::{rfc3339_ms, system_now_ms};
+use secrets_agent::config::Config;
+use secrets_agent::server::prepare_data_dir;
+use secrets_agent::state::DataDir;
+use secrets_agent::storage::audit::{AuditEntry, ChainWriter, verify};
+use secrets_agent::storage::{Db, devices};
+
+#[derive(Parser)]
+#[command(
+    name = "secrets-agent",
+    version,
+    about = "Control plane of a personal AI agent, administered from a paired phone"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Args, Clone)]
+struct DirArg {
+    /// Data directory [default: $SECRETS_AGENT_HOME, else the platform data dir]
+    #[arg(long, global = true)]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the server.
+    Serve {
+        #[command(flatten)]
+        dir: DirArg,
+        /// Address to listen on [default: server.listen, 127.0.0.1:7420]
+        #[arg(long)]
+        listen: Option<String>,
+    },
+    /// Create a one-time pairing code for a running server on this data dir.
+    Pair {
+        #[command(flatten)]
+        dir: DirArg,
+        /// How long the code stays valid, in seconds.
+        #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86400))]
+        ttl_secs: u64,
+        /// Print one JSON line: {"code","expires_at","server_key","url"}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List or revoke paired devices.
+    Devices {
+        #[command(subcommand)]
+        cmd: DevicesCmd,
+    },
+    /// Check the audit log.
+    Audit {
+        #[command(subcommand)]
+        cmd: AuditCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum DevicesCmd {
+    List {
+        #[command(flatten)]
+        dir: DirArg,
+    },
+    Revoke {
+        device_id: String,
+        #[command(flatten)]
+        dir: DirArg,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCmd {
+    /// Verify the hash chain; exits non-zero at the first bad record.
+    Verify {
+        #[command(flatten)]
+        dir: DirArg,
+    },
+}
+
+fn data_dir(d: &DirArg) -> Result<DataDir> {
+    if let Some(p) = &d.data_dir {
+        return Ok(DataDir::new(p));
+    }
+    if let Some(p) = std::env::var_os("SECRETS_AGENT_HOME").filter(|v| !v.is_empty()) {
+        return Ok(DataDir::new(PathBuf::from(p)));
+    }
+    let base = dirs::data_dir()
+        .context("no platform data directory: pass --data-dir or set SECRETS_AGENT_HOME")?;
+    Ok(DataDir::new(base.join("secrets-agent")))
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SECRETS_AGENT_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.cmd {
+        Cmd::Serve { dir, listen } => serve(data_dir(&dir)?, listen),
+        Cmd::Pair {
+            dir,
+            ttl_secs,
+            json,
+        } => pair(data_dir(&dir)?, ttl_secs, json),
+        Cmd::Devices {
+            cmd: DevicesCmd::List { dir },
+        } => devices_list(data_dir(&dir)?),
+        Cmd::Devices {
+            cmd: DevicesCmd::Revoke { device_id, dir },
+        } => devices_revoke(data_dir(&dir)?, &device_id),
+        Cmd::Audit {
+            cmd: AuditCmd::Verify { dir },
+        } => audit_verify(data_dir(&dir)?),
+    }
+}
+
+fn serve(dir: DataDir, listen: Option<String>) -> Result<ExitCode> {
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let opts = secrets_agent::Options {
+            data_dir: dir.root.clone(),
+            listen,
+            print_pairing_code: true,
+        };
+        let server = secrets_agent::start(opts).await?;
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        }
+        server.shutdown().await;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// Opens the data dir's database and config for a CLI command.
+fn open(dir: &DataDir) -> Result<(Db, Config)> {
+    prepare_data_dir(dir)?;
+    let config = Config::load(&dir.config())?;
+    let db = Db::open(&dir.db())?;
+    Ok((db, config))
+}
+
+fn cli_audit(dir: &DataDir, db: &Db, config: &Config, action: &str, outcome: &str) -> Result<()> {
+    let mut w = ChainWriter::new(dir.resolve(&config.audit.dir), db.clone());
+    w.append(&[AuditEntry {
+        ts_ms: system_now_ms(),
+        device_id: None,
+        action: action.into(),
+        params_digest: None,
+        outcome: outcome.into(),
+        approval_id: None,
+    }])?;
+    Ok(())
+}
+
+fn pair(dir: DataDir, ttl_secs: u64, json: bool) -> Result<ExitCode> {
+    let (db, config) = open(&dir)?;
+    let key = ServerKey::load_or_create(&dir.server_key())?;
+    let fallback = format!(
+        "{}://{}/ws",
+        if config.server.tls_cert.is_some() {
+            "wss"
+        } else {
+            "ws"
+        },
+        config.server.listen
+    );
+    let offer = create_offer(&db, system_now_ms(), ttl_secs, key.public_b64(), fallback)?;
+    cli_audit(&dir, &db, &config, "cli.pair_code_created", "ok")?;
+    if json {
+        println!("{}", offer.to_json());
+    } else {
+        println!("Pairing code: {}", offer.code);
+        println!("  expires:    {}", rfc3339_ms(offer.expires_at_ms));
+        println!("  server key: {}", offer.server_key);
+        println!("  url:        {}", offer.url);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn devices_list(dir: DataDir) -> Result<ExitCode> {
+    let (db, _) = open(&dir)?;
+    let list = db.blocking(|c| devices::list_devices(c))?;
+    if list.is_empty() {
+        println!("No devices are paired. Run `secrets-agent pair` to make a pairing code.");
+    }
+    for d in list {
+        println!(
+            "{}  {:<24}  {:<7}  paired {}  last seen {}{}",
+            d.device_id,
+            d.device_name,
+            d.approval_key_alg.as_str(),
+            rfc3339_ms(d.paired_at),
+            d.last_seen
+                .map(rfc3339_ms)
+                .unwrap_or_else(|| "never".into()),
+            if d.revoked { "  REVOKED" } else { "" }
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn devices_revoke(dir: DataDir, id: &str) -> Result<ExitCode> {
+    let (db, config) = open(&dir)?;
+    let id2 = id.to_string();
+    if !db.blocking(move |c| devices::revoke_device(c, &id2))? {
+        eprintln!("error: no paired device {id:?} (see `secrets-agent devices list`)");
+        return Ok(ExitCode::FAILURE);
+    }
+    cli_audit(&dir, &db, &config, "cli.revoke_device", "ok")?;
+    println!("Device {id} revoked; a running server closes its sessions within 5 s.");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn audit_verify(dir: DataDir) -> Result<ExitCode> {
+    let (db, config) = open(&dir)?;
+    let audit_dir = dir.resolve(&config.audit.dir);
+    match verify(&audit_dir, &db) {
+        Ok(r) => {
+            println!(
+                "audit log OK: {} records in {} file(s) under {}",
+                r.records,
+                r.files,
+                audit_dir.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("audit log BROKEN: {e}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}

@@ -1,0 +1,182 @@
+//! The one method registry (a jsonrpsee `RpcModule`) and the two codecs over
+//! it: the seed `admin` envelope and JSON-RPC 2.0 (SPEC §5).
+//!
+//! Every action is registered once, with a typed params struct. `call` runs
+//! an action for an authenticated caller: the caller reaches the handler
+//! through the call's `Extensions`, and every call is audited here, so no
+//! handler has to remember to.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use jsonrpsee_core::server::{ConnectionId, Extensions, MethodCallback, Methods, RpcModule};
+use jsonrpsee_types::{ErrorObjectOwned, Id, Params};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
+
+use crate::protocol::{ApiError, ErrorCode};
+use crate::state::AppState;
+use crate::storage::audit::jcs_digest;
+
+/// Who is calling: reaches every handler through `Extensions`.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub session_id: Arc<str>,
+    pub device_id: Arc<str>,
+    /// The envelope `request_id`, or the JSON-RPC id rendered as a string.
+    pub request_id: Arc<str>,
+}
+
+pub type ActionResult = Result<Value, ApiError>;
+
+/// Keys whose values are secrets wherever they appear in params.
+pub const SECRET_KEYS: &[&str] = &["api_key", "password", "token", "secret"];
+
+/// A copy of `params` with every secret value replaced by `"[redacted]"`.
+pub fn redact_secrets(v: &Value) -> Value {
+    match v {
+        Value::Object(m) => Value::Object(
+            m.iter()
+                .map(|(k, v)| {
+                    let v = if SECRET_KEYS.contains(&k.as_str()) && !v.is_null() {
+                        Value::String("[redacted]".into())
+                    } else {
+                        redact_secrets(v)
+                    };
+                    (k.clone(), v)
+                })
+                .collect(),
+        ),
+        Value::Array(a) => Value::Array(a.iter().map(redact_secrets).collect()),
+        other => other.clone(),
+    }
+}
+
+/// An action without params: any param is refused.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoParams {}
+
+/// Parses named params; absent params are `{}`.
+pub fn parse_params<P: DeserializeOwned>(raw: Option<&str>) -> Result<P, ApiError> {
+    serde_json::from_str(raw.unwrap_or("{}"))
+        .map_err(|e| ApiError::invalid(format!("invalid params: {e}")))
+}
+
+/// Registers an action: `f(state, caller, params)`.
+pub fn register<P, F, Fut>(module: &mut RpcModule<AppState>, name: &'static str, f: F)
+where
+    P: DeserializeOwned + Send + 'static,
+    F: Fn(Arc<AppState>, Caller, P) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = ActionResult> + Send + 'static,
+{
+    module
+        .register_async_method(
+            name,
+            move |params: Params<'static>, state: Arc<AppState>, ext: Extensions| {
+                let f = f.clone();
+                async move {
+                    let caller = ext
+                        .get::<Caller>()
+                        .cloned()
+                        .ok_or_else(|| ApiError::internal("no caller"))?;
+                    let p: P = parse_params(params.as_str())?;
+                    f(state, caller, p).await
+                }
+            },
+        )
+        .unwrap_or_else(|e| panic!("action {name} registered twice: {e}"));
+}
+
+/// The registry: every action, type-erased.
+#[derive(Clone)]
+pub struct Registry {
+    methods: Methods,
+}
+
+#[derive(Deserialize)]
+struct RawOutput<'a> {
+    #[serde(borrow)]
+    result: Option<&'a RawValue>,
+    error: Option<ErrorObjectOwned>,
+}
+
+impl Registry {
+    pub fn new(module: RpcModule<AppState>) -> Registry {
+        Registry {
+            methods: module.into(),
+        }
+    }
+
+    pub fn action_names(&self) -> Vec<&'static str> {
+        let mut v: Vec<_> = self.methods.method_names().collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Runs `action` with `params` (an object without `action`) for `caller`,
+    /// and audits the outcome. Ok is the payload object's JSON text.
+    pub async fn call(
+        &self,
+        state: &AppState,
+        action: &str,
+        params: Map<String, Value>,
+        caller: Caller,
+    ) -> Result<Box<RawValue>, ApiError> {
+        let params = Value::Object(params);
+        let digest = jcs_digest(&redact_secrets(&params));
+        let device = caller.device_id.clone();
+        let out = self.invoke(action, &params, caller).await;
+        let outcome = match &out {
+            Ok(_) => "ok",
+            Err(e) => e.code.as_str(),
+        };
+        let audited_action: String = action.chars().take(128).collect();
+        state
+            .audit(Some(&device), &audited_action, Some(digest), outcome, None)
+            .await;
+        out
+    }
+
+    async fn invoke(
+        &self,
+        action: &str,
+        params: &Value,
+        caller: Caller,
+    ) -> Result<Box<RawValue>, ApiError> {
+        let Some(MethodCallback::Async(cb)) = self.methods.method(action) else {
+            return Err(ApiError::new(
+                ErrorCode::UnknownAction,
+                format!("unknown action {action:?}"),
+            ));
+        };
+        let mut ext = Extensions::new();
+        ext.insert(caller);
+        let raw = params.to_string();
+        let resp = cb(
+            Id::Number(0),
+            Params::new(Some(&raw)).into_owned(),
+            ConnectionId(0),
+            usize::MAX,
+            ext,
+        )
+        .await;
+        let json = resp.into_json();
+        let out: RawOutput<'_> = serde_json::from_str(json.get())
+            .map_err(|e| ApiError::internal(format!("bad handler output: {e}")))?;
+        match (out.result, out.error) {
+            (Some(r), None) => Ok(r.to_owned()),
+            (_, Some(e)) => Err(ApiError::from_error_object(&e)),
+            _ => Err(ApiError::internal("handler produced no result")),
+        }
+    }
+}
+
+/// Builds the registry from every domain's module.
+pub fn build(state: Arc<AppState>) -> Registry {
+    let mut module = RpcModule::from_arc(state);
+    crate::handlers::register_all(&mut module);
+    Registry::new(module)
+}

@@ -1,0 +1,281 @@
+//! Start-up, the accept loop, TLS, the revocation watcher and shutdown.
+//!
+//! `start` is the testable entry point: the binary passes the data dir and
+//! waits for a signal; tests pass a temp dir and `127.0.0.1:0`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls;
+
+use crate::auth::keys::{KeyError, ServerKey};
+use crate::auth::pairing::{LISTEN_URL_KEY, create_offer};
+use crate::config::{Config, ConfigError, DEFAULT_CONFIG_TOML};
+use crate::connection::{self, BoxIo};
+use crate::protocol::close;
+use crate::rpc::{self, Registry};
+use crate::state::{AppState, DataDir};
+use crate::storage::{Db, StorageError, devices};
+
+/// Connections served at once; further ones wait in the kernel's backlog.
+pub const MAX_CONNECTIONS: usize = 20_000;
+/// How often sessions of devices revoked by the CLI are looked for (SPEC: within 5 s).
+const REVOCATION_POLL: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot create the data directory {path}: {source}")]
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error(
+        "refusing to listen on {addr} without TLS: set server.tls_cert and server.tls_key, or server.allow_insecure = true"
+    )]
+    Insecure { addr: String },
+    #[error("cannot resolve listen address {addr:?}: {source}")]
+    Resolve {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("TLS setup failed: {0}")]
+    Tls(String),
+}
+
+/// How to start a server.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub data_dir: PathBuf,
+    /// Overrides `server.listen`.
+    pub listen: Option<String>,
+    /// Print a pairing code on stdout when no device is paired (the CLI does).
+    pub print_pairing_code: bool,
+}
+
+/// A running server.
+pub struct ServerHandle {
+    pub addr: SocketAddr,
+    pub url: String,
+    pub state: Arc<AppState>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl ServerHandle {
+    /// Stops accepting, lets sessions answer what is in flight, closes them,
+    /// waits for every task, flushes the audit log and closes the database.
+    pub async fn shutdown(self) {
+        self.state.shutdown.cancel();
+        let _ = self.accept.await;
+        self.state.tasks.close();
+        if tokio::time::timeout(Duration::from_secs(15), self.state.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("some tasks did not finish within 15 s of shutdown");
+        }
+        self.state.audit.close_async().await;
+        tracing::info!("server stopped");
+    }
+}
+
+/// Creates the data dir layout (SPEC §3) and the commented default config.
+pub fn prepare_data_dir(dir: &DataDir) -> Result<(), StartError> {
+    let mk = |p: PathBuf| {
+        std::fs::create_dir_all(&p).map_err(|source| StartError::DataDir {
+            path: p.display().to_string(),
+            source,
+        })
+    };
+    mk(dir.root.clone())?;
+    mk(dir.plugins())?;
+    mk(dir.skills())?;
+    let cfg = dir.config();
+    if !cfg.exists() {
+        std::fs::write(&cfg, DEFAULT_CONFIG_TOML).map_err(|source| StartError::DataDir {
+            path: cfg.display().to_string(),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+pub async fn start(opts: Options) -> Result<ServerHandle, StartError> {
+    let dir = DataDir::new(opts.data_dir.clone());
+    prepare_data_dir(&dir)?;
+    let mut config = Config::load(&dir.config())?;
+    if let Some(l) = &opts.listen {
+        config.server.listen = l.clone();
+    }
+    let tls = tls_acceptor(&dir, &config)?;
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(&config.server.listen)
+        .await
+        .map_err(|source| StartError::Resolve {
+            addr: config.server.listen.clone(),
+            source,
+        })?
+        .collect();
+    if tls.is_none() && !config.server.allow_insecure && addrs.iter().any(|a| !a.ip().is_loopback())
+    {
+        return Err(StartError::Insecure {
+            addr: config.server.listen.clone(),
+        });
+    }
+    let db = Db::open(&dir.db())?;
+    let key = ServerKey::load_or_create(&dir.server_key())?;
+    let listener = TcpListener::bind(&addrs[..])
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: config.server.listen.clone(),
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| StartError::Bind {
+        addr: config.server.listen.clone(),
+        source,
+    })?;
+    let url = format!("{}://{addr}/ws", if tls.is_some() { "wss" } else { "ws" });
+    db.set_meta(LISTEN_URL_KEY, url.clone()).await?;
+
+    let state = Arc::new(AppState::new(dir, config, db, key));
+    crate::approvals::expire_stale_on_start(&state).await;
+    tracing::info!(%url, server_key = state.key.public_b64(), "listening");
+
+    if opts.print_pairing_code {
+        let paired = state.db.call(|c| devices::count_active_devices(c)).await?;
+        if paired == 0 {
+            let offer = create_offer(
+                &state.db,
+                state.clock.now_ms(),
+                300,
+                state.key.public_b64(),
+                url.clone(),
+            )?;
+            println!(
+                "No device is paired yet. Pairing code: {} (valid 5 minutes)\n  server key: {}\n  url: {}",
+                offer.code, offer.server_key, offer.url
+            );
+        }
+    }
+
+    let registry = rpc::build(state.clone());
+    state.tasks.spawn(watch_revocations(state.clone()));
+    let accept = tokio::spawn(accept_loop(listener, state.clone(), registry, tls));
+    Ok(ServerHandle {
+        addr,
+        url,
+        state,
+        accept,
+    })
+}
+
+fn tls_acceptor(dir: &DataDir, config: &Config) -> Result<Option<TlsAcceptor>, StartError> {
+    let (Some(cert), Some(key)) = (&config.server.tls_cert, &config.server.tls_key) else {
+        return Ok(None);
+    };
+    let (cert, key) = (dir.resolve(cert), dir.resolve(key));
+    let read = |p: &PathBuf| {
+        std::fs::read(p).map_err(|e| StartError::Tls(format!("cannot read {}: {e}", p.display())))
+    };
+    let cert_pem = read(&cert)?;
+    let key_pem = read(&key)?;
+    let certs = rustls_pemfile::certs(&mut cert_pem.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| StartError::Tls(format!("{}: {e}", cert.display())))?;
+    let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
+        .map_err(|e| StartError::Tls(format!("{}: {e}", key.display())))?
+        .ok_or_else(|| StartError::Tls(format!("{}: no private key found", key.display())))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| StartError::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| StartError::Tls(e.to_string()))?;
+    Ok(Some(TlsAcceptor::from(Arc::new(cfg))))
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    registry: Registry,
+    tls: Option<TlsAcceptor>,
+) {
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
+            _ = state.shutdown.cancelled() => break,
+        };
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // e.g. EMFILE: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = state.shutdown.cancelled() => break,
+        };
+        let _ = tcp.set_nodelay(true);
+        let (state2, registry2, tls2) = (state.clone(), registry.clone(), tls.clone());
+        state.tasks.spawn(async move {
+            let io: BoxIo = match tls2 {
+                None => Box::new(tcp),
+                Some(acc) => {
+                    let timeout = Duration::from_secs(state2.config().server.auth_timeout_secs);
+                    match tokio::time::timeout(timeout, acc.accept(tcp)).await {
+                        Ok(Ok(s)) => Box::new(s),
+                        _ => return,
+                    }
+                }
+            };
+            connection::serve(state2, registry2, io, peer).await;
+            drop(permit);
+        });
+    }
+}
+
+/// Closes sessions of devices revoked by another process (the CLI).
+async fn watch_revocations(state: Arc<AppState>) {
+    let mut tick = tokio::time::interval(REVOCATION_POLL);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = state.shutdown.cancelled() => return,
+        }
+        let ids = state.sessions.device_ids();
+        if ids.is_empty() {
+            continue;
+        }
+        match state
+            .db
+            .call(move |c| devices::revoked_among(c, &ids))
+            .await
+        {
+            Ok(revoked) => {
+                for id in revoked {
+                    let n = state.sessions.close_device(&id, close::REVOKED);
+                    tracing::info!(device = %id, sessions = n, "closed sessions of a revoked device");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "revocation check failed"),
+        }
+    }
+}

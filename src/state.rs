@@ -1,0 +1,128 @@
+//! `AppState`: everything the server shares, behind one `Arc`.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::approvals::Approvals;
+use crate::auth::keys::ServerKey;
+use crate::auth::ratelimit::HandshakeLimiter;
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::sessions::Sessions;
+use crate::storage::Db;
+use crate::storage::audit::{AuditEntry, AuditLog};
+
+/// The files of a data directory (SPEC §3).
+#[derive(Debug, Clone)]
+pub struct DataDir {
+    pub root: PathBuf,
+}
+
+impl DataDir {
+    pub fn new(root: impl Into<PathBuf>) -> DataDir {
+        DataDir { root: root.into() }
+    }
+    pub fn config(&self) -> PathBuf {
+        self.root.join("config.toml")
+    }
+    pub fn db(&self) -> PathBuf {
+        self.root.join("agent.db")
+    }
+    pub fn server_key(&self) -> PathBuf {
+        self.root.join("server.key")
+    }
+    pub fn plugins(&self) -> PathBuf {
+        self.root.join("plugins")
+    }
+    pub fn skills(&self) -> PathBuf {
+        self.root.join("skills")
+    }
+    /// A path from the config, relative to the data dir unless absolute.
+    pub fn resolve(&self, p: &Path) -> PathBuf {
+        Config::resolve(&self.root, p)
+    }
+}
+
+pub struct AppState {
+    pub dir: DataDir,
+    config: RwLock<Arc<Config>>,
+    pub db: Db,
+    pub key: ServerKey,
+    pub clock: Clock,
+    pub sessions: Sessions,
+    pub limiter: HandshakeLimiter,
+    pub audit: AuditLog,
+    pub approvals: Approvals,
+    /// Cancelled once when the server starts shutting down.
+    pub shutdown: CancellationToken,
+    /// Every task the server spawns; shutdown waits for them.
+    pub tasks: TaskTracker,
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AppState {
+    pub fn new(dir: DataDir, config: Config, db: Db, key: ServerKey) -> AppState {
+        let audit = AuditLog::start(dir.resolve(&config.audit.dir), db.clone());
+        let limiter = HandshakeLimiter::new(
+            config.server.auth_failures_per_minute,
+            config.server.pair_failures_per_minute,
+        );
+        AppState {
+            dir,
+            config: RwLock::new(Arc::new(config)),
+            db,
+            key,
+            clock: Clock::new(),
+            sessions: Sessions::default(),
+            limiter,
+            audit,
+            approvals: Approvals::default(),
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        }
+    }
+
+    /// The current configuration (cheap: an `Arc` clone).
+    pub fn config(&self) -> Arc<Config> {
+        self.config
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Replaces the live configuration.
+    pub fn set_config(&self, c: Config) {
+        *self.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(c);
+    }
+
+    /// Appends an audit record stamped now.
+    pub async fn audit(
+        &self,
+        device_id: Option<&str>,
+        action: &str,
+        params_digest: Option<String>,
+        outcome: &str,
+        approval_id: Option<&str>,
+    ) {
+        self.audit
+            .record(AuditEntry {
+                ts_ms: self.clock.now_ms(),
+                device_id: device_id.map(String::from),
+                action: action.to_string(),
+                params_digest,
+                outcome: outcome.to_string(),
+                approval_id: approval_id.map(String::from),
+            })
+            .await;
+    }
+}

@@ -1,0 +1,379 @@
+//! The audit log: hash-chained JSON Lines under `audit.dir` (SPEC §8a).
+//!
+//! Each record's `hash` is hex SHA-256 of `prev_hash + "\n" + JCS(record
+//! without hash)`. The chain head (last `seq`, `hash`) is mirrored in
+//! `agent.db` so that a cut-off tail is detected. Appends from the server and
+//! the CLI are serialised with an exclusive lock on `audit.dir/.lock`.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use rusqlite::{OptionalExtension, params};
+use serde_json::{Map, Value, json};
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+
+use super::{Db, StorageError};
+use crate::clock::rfc3339_ms;
+
+pub const ZERO_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+const LOG_FILE: &str = "audit.jsonl";
+const LOCK_FILE: &str = ".lock";
+
+/// One event to record. Never holds a secret: params are reduced to a digest.
+#[derive(Debug, Clone)]
+pub struct AuditEntry {
+    pub ts_ms: i64,
+    pub device_id: Option<String>,
+    pub action: String,
+    pub params_digest: Option<String>,
+    pub outcome: String,
+    pub approval_id: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("audit log I/O on {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> AuditError + '_ {
+    move |source| AuditError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// hex SHA-256 of the JCS form of `v` (used for `params_digest` and approvals).
+pub fn jcs_digest(v: &Value) -> String {
+    let canon = serde_jcs::to_string(v).unwrap_or_default();
+    hex::encode(Sha256::digest(canon.as_bytes()))
+}
+
+fn record_hash(prev_hash: &str, record_without_hash: &Value) -> String {
+    let canon = serde_jcs::to_string(record_without_hash).unwrap_or_default();
+    let mut h = Sha256::new();
+    h.update(prev_hash.as_bytes());
+    h.update(b"\n");
+    h.update(canon.as_bytes());
+    hex::encode(h.finalize())
+}
+
+/// Appends records to the chain in one directory.
+pub struct ChainWriter {
+    dir: PathBuf,
+    db: Db,
+    /// (file length, seq, hash) after our last append.
+    cached: Option<(u64, u64, String)>,
+}
+
+impl ChainWriter {
+    pub fn new(dir: PathBuf, db: Db) -> ChainWriter {
+        ChainWriter {
+            dir,
+            db,
+            cached: None,
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn dir_key(&self) -> String {
+        self.dir.display().to_string()
+    }
+
+    /// Appends `entries` under the lock, fsyncs, then moves the DB head.
+    pub fn append(&mut self, entries: &[AuditEntry]) -> Result<(), AuditError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        fs::create_dir_all(&self.dir).map_err(io_err(&self.dir))?;
+        let lock_path = self.dir.join(LOCK_FILE);
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io_err(&lock_path))?;
+        lock.lock().map_err(io_err(&lock_path))?;
+        let result = self.append_locked(entries);
+        let _ = lock.unlock();
+        result
+    }
+
+    fn append_locked(&mut self, entries: &[AuditEntry]) -> Result<(), AuditError> {
+        let path = self.dir.join(LOG_FILE);
+        let mut file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .read(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        let len = file.metadata().map_err(io_err(&path))?.len();
+        let (mut seq, mut prev) = match &self.cached {
+            Some((l, s, h)) if *l == len => (*s, h.clone()),
+            _ => self.recover_head(&mut file, &path)?,
+        };
+        let mut buf = String::new();
+        for e in entries {
+            seq += 1;
+            let mut rec = Map::new();
+            rec.insert("seq".into(), json!(seq));
+            rec.insert("ts".into(), json!(rfc3339_ms(e.ts_ms)));
+            rec.insert("device_id".into(), json!(e.device_id));
+            rec.insert("action".into(), json!(e.action));
+            rec.insert("params_digest".into(), json!(e.params_digest));
+            rec.insert("outcome".into(), json!(e.outcome));
+            if let Some(a) = &e.approval_id {
+                rec.insert("approval_id".into(), json!(a));
+            }
+            rec.insert("prev_hash".into(), json!(prev));
+            let mut v = Value::Object(rec);
+            let hash = record_hash(&prev, &v);
+            v["hash"] = json!(hash);
+            buf.push_str(&serde_jcs::to_string(&v).unwrap_or_default());
+            buf.push('\n');
+            prev = hash;
+        }
+        file.write_all(buf.as_bytes()).map_err(io_err(&path))?;
+        file.sync_data().map_err(io_err(&path))?;
+        let key = self.dir_key();
+        let head_hash = prev.clone();
+        self.db.blocking(|c| {
+            c.execute(
+                "INSERT INTO audit_heads(dir, seq, hash) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(dir) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
+                params![key, seq as i64, head_hash],
+            )?;
+            Ok(())
+        })?;
+        self.cached = Some((len + buf.len() as u64, seq, prev));
+        Ok(())
+    }
+
+    /// The chain's head: the file's last record, or the DB head if the file
+    /// lost records (so the gap stays visible to `audit verify`).
+    fn recover_head(&self, file: &mut File, path: &Path) -> Result<(u64, String), AuditError> {
+        let from_file = last_record(file).map_err(io_err(path))?;
+        let key = self.dir_key();
+        let from_db: Option<(i64, String)> = self.db.blocking(move |c| {
+            Ok(c.query_row(
+                "SELECT seq, hash FROM audit_heads WHERE dir = ?1",
+                [key],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?)
+        })?;
+        let file_head = from_file.and_then(|v| {
+            Some((
+                v.get("seq")?.as_u64()?,
+                v.get("hash")?.as_str()?.to_string(),
+            ))
+        });
+        Ok(match (file_head, from_db) {
+            (Some(f), Some((s, h))) if (s as u64) > f.0 => (s as u64, h),
+            (Some(f), _) => f,
+            (None, Some((s, h))) => (s as u64, h),
+            (None, None) => (0, ZERO_HASH.to_string()),
+        })
+    }
+}
+
+/// Reads the last non-empty line of the file as JSON.
+fn last_record(file: &mut File) -> std::io::Result<Option<Value>> {
+    let len = file.seek(SeekFrom::End(0))?;
+    let start = len.saturating_sub(64 * 1024);
+    file.seek(SeekFrom::Start(start))?;
+    let mut tail = String::new();
+    file.take(64 * 1024).read_to_string(&mut tail)?;
+    Ok(tail
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .and_then(|l| serde_json::from_str(l).ok()))
+}
+
+enum Msg {
+    Entry(AuditEntry),
+    SetDir(PathBuf),
+    Close,
+}
+
+/// The server's audit writer: a dedicated thread fed by a bounded queue,
+/// writing batches (one fsync per batch).
+pub struct AuditLog {
+    tx: mpsc::Sender<Msg>,
+    thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl AuditLog {
+    pub fn start(dir: PathBuf, db: Db) -> AuditLog {
+        let (tx, mut rx) = mpsc::channel::<Msg>(4096);
+        let thread = std::thread::Builder::new()
+            .name("audit-writer".into())
+            .spawn(move || {
+                let mut w = ChainWriter::new(dir, db);
+                let mut batch = Vec::new();
+                while let Some(first) = rx.blocking_recv() {
+                    let mut next = Some(first);
+                    while let Some(msg) = next.take() {
+                        match msg {
+                            Msg::Entry(e) => batch.push(e),
+                            Msg::SetDir(d) => {
+                                flush(&mut w, &mut batch);
+                                w = ChainWriter::new(d, w.db.clone());
+                            }
+                            Msg::Close => {
+                                flush(&mut w, &mut batch);
+                                return;
+                            }
+                        }
+                        if batch.len() < 1024 {
+                            next = rx.try_recv().ok();
+                        }
+                    }
+                    flush(&mut w, &mut batch);
+                }
+            })
+            .expect("spawn audit writer thread");
+        AuditLog {
+            tx,
+            thread: std::sync::Mutex::new(Some(thread)),
+        }
+    }
+
+    /// Queues a record; waits only if the queue is full.
+    pub async fn record(&self, entry: AuditEntry) {
+        let _ = self.tx.send(Msg::Entry(entry)).await;
+    }
+
+    /// Switches to a new directory: a new chain starts there (SPEC §8a).
+    pub async fn set_dir(&self, dir: PathBuf) {
+        let _ = self.tx.send(Msg::SetDir(dir)).await;
+    }
+
+    /// Writes everything queued so far, then stops the writer thread.
+    /// Records queued after this are dropped (call it once all sessions are gone).
+    pub fn close(&self) {
+        let handle = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(h) = handle {
+            let _ = self.tx.blocking_send(Msg::Close);
+            let _ = h.join();
+        }
+    }
+
+    /// Async form of [`AuditLog::close`].
+    pub async fn close_async(&self) {
+        let handle = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(h) = handle {
+            let _ = self.tx.send(Msg::Close).await;
+            let _ = tokio::task::spawn_blocking(move || h.join()).await;
+        }
+    }
+}
+
+fn flush(w: &mut ChainWriter, batch: &mut Vec<AuditEntry>) {
+    if let Err(e) = w.append(batch) {
+        tracing::error!(error = %e, dir = %w.dir().display(), records = batch.len(), "audit append failed");
+    }
+    batch.clear();
+}
+
+/// The result of a successful `audit verify`.
+#[derive(Debug)]
+pub struct VerifyReport {
+    pub records: u64,
+    pub files: usize,
+}
+
+/// Checks every `*.jsonl` under `dir` (sorted by name) as one chain, and the
+/// DB head against it. Errors name the first bad record.
+pub fn verify(dir: &Path, db: &Db) -> Result<VerifyReport, String> {
+    let mut files: Vec<PathBuf> = match fs::read_dir(dir) {
+        Ok(rd) => rd
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(format!("cannot read {}: {e}", dir.display())),
+    };
+    files.sort();
+    let mut seq = 0u64;
+    let mut prev = ZERO_HASH.to_string();
+    let mut hashes: Vec<String> = Vec::new();
+    for f in &files {
+        let file = File::open(f).map_err(|e| format!("cannot read {}: {e}", f.display()))?;
+        for (i, line) in BufReader::new(file).lines().enumerate() {
+            let at = format!("{}:{}", f.display(), i + 1);
+            let line = line.map_err(|e| format!("{at}: unreadable: {e}"))?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            let expected_seq = seq + 1;
+            let mut v: Value = serde_json::from_str(&line).map_err(|e| {
+                format!("first bad record: seq {expected_seq} at {at}: not JSON ({e})")
+            })?;
+            let bad = |why: &str| format!("first bad record: seq {expected_seq} at {at}: {why}");
+            let got_seq = v
+                .get("seq")
+                .and_then(Value::as_u64)
+                .ok_or_else(|| bad("no seq"))?;
+            if got_seq != expected_seq {
+                return Err(bad(&format!(
+                    "seq is {got_seq} (records removed or reordered)"
+                )));
+            }
+            if v.get("prev_hash").and_then(Value::as_str) != Some(prev.as_str()) {
+                return Err(bad("prev_hash does not match the previous record's hash"));
+            }
+            let stated = v
+                .as_object_mut()
+                .and_then(|o| o.remove("hash"))
+                .and_then(|h| h.as_str().map(String::from));
+            let stated = stated.ok_or_else(|| bad("no hash"))?;
+            if record_hash(&prev, &v) != stated {
+                return Err(bad("hash does not match the record's contents (edited)"));
+            }
+            seq = expected_seq;
+            prev = stated.clone();
+            hashes.push(stated);
+        }
+    }
+    let key = dir.display().to_string();
+    let head: Option<(i64, String)> = db
+        .blocking(move |c| {
+            Ok(c.query_row(
+                "SELECT seq, hash FROM audit_heads WHERE dir = ?1",
+                [key],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?)
+        })
+        .map_err(|e| e.to_string())?;
+    if let Some((hs, hh)) = head {
+        let hs = hs as u64;
+        if hs > seq {
+            return Err(format!(
+                "first bad record: seq {}: missing — the log ends at seq {seq} but the database head is at seq {hs} (tail cut off)",
+                seq + 1
+            ));
+        }
+        if hs > 0 && hashes[(hs - 1) as usize] != hh {
+            return Err(format!(
+                "first bad record: seq {hs}: hash differs from the one recorded in agent.db"
+            ));
+        }
+    }
+    Ok(VerifyReport {
+        records: seq,
+        files: files.len(),
+    })
+}

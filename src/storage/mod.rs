@@ -1,0 +1,222 @@
+//! `agent.db`: the SQLite handle, its migrations, and typed queries per domain.
+//!
+//! rusqlite never runs on the async runtime's threads: `Db::call` moves the
+//! work to the blocking pool, and no lock is held across an `.await`.
+
+pub mod audit;
+pub mod devices;
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use rusqlite::Connection;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error(
+        "{path} was written by a newer secrets-agent (schema {found}, this build knows {known}); upgrade secrets-agent"
+    )]
+    TooNew {
+        path: String,
+        found: i64,
+        known: i64,
+    },
+    #[error("the database task failed: {0}")]
+    Join(String),
+}
+
+/// Schema upgrades, in order; `PRAGMA user_version` counts the applied ones.
+/// Each runs in its own transaction.
+const MIGRATIONS: &[&str] = &[
+    // 1: devices, pairing codes, audit chain heads, settings.
+    r#"
+    CREATE TABLE devices (
+        device_id TEXT PRIMARY KEY,
+        device_name TEXT NOT NULL,
+        public_key BLOB NOT NULL UNIQUE,
+        approval_public_key BLOB NOT NULL,
+        approval_key_alg TEXT NOT NULL,
+        paired_at INTEGER NOT NULL,
+        last_seen INTEGER,
+        revoked INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE pairing_codes (
+        code_hash TEXT PRIMARY KEY,
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL,
+        failures INTEGER NOT NULL DEFAULT 0,
+        state TEXT NOT NULL DEFAULT 'live'  -- live | used | burnt
+    );
+    CREATE TABLE audit_heads (
+        dir TEXT PRIMARY KEY,
+        seq INTEGER NOT NULL,
+        hash TEXT NOT NULL
+    );
+    CREATE TABLE meta (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    "#,
+    // 2: pending and decided approvals.
+    r#"
+    CREATE TABLE approvals (
+        approval_id TEXT PRIMARY KEY,
+        request_json TEXT NOT NULL,
+        status TEXT NOT NULL,        -- pending | approved | denied | expired
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL,
+        decided_at INTEGER,
+        decided_by TEXT
+    );
+    CREATE INDEX approvals_pending ON approvals(status) WHERE status = 'pending';
+    "#,
+];
+
+/// The schema version this build writes.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// A cheap, cloneable handle to `agent.db`.
+#[derive(Clone)]
+pub struct Db {
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl std::fmt::Debug for Db {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Db")
+    }
+}
+
+impl Db {
+    /// Opens (creating) the database and brings its schema up to date.
+    pub fn open(path: &Path) -> Result<Db, StorageError> {
+        let mut conn = Connection::open(path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        migrate(&mut conn, path)?;
+        Ok(Db {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    /// Runs `f` on the blocking pool with the connection.
+    pub async fn call<R, F>(&self, f: F) -> Result<R, StorageError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<R, StorageError> + Send + 'static,
+    {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut guard = conn.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut guard)
+        })
+        .await
+        .map_err(|e| StorageError::Join(e.to_string()))?
+    }
+
+    /// Runs `f` on the current thread (CLI commands and blocking contexts).
+    pub fn blocking<R>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<R, StorageError>,
+    ) -> Result<R, StorageError> {
+        let mut guard = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut guard)
+    }
+
+    pub async fn get_meta(&self, key: &'static str) -> Result<Option<String>, StorageError> {
+        self.call(move |c| get_meta(c, key)).await
+    }
+
+    pub async fn set_meta(&self, key: &'static str, value: String) -> Result<(), StorageError> {
+        self.call(move |c| {
+            c.execute(
+                "INSERT INTO meta(key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+pub fn get_meta(c: &Connection, key: &str) -> Result<Option<String>, StorageError> {
+    use rusqlite::OptionalExtension;
+    Ok(
+        c.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()?,
+    )
+}
+
+fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StorageError> {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version > SCHEMA_VERSION {
+        return Err(StorageError::TooNew {
+            path: path.display().to_string(),
+            found: version,
+            known: SCHEMA_VERSION,
+        });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        tx.commit()?;
+        tracing::info!(version = i + 1, "database schema upgraded");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrations_apply_in_order_and_are_idempotent() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("agent.db");
+        let db = Db::open(&p).unwrap();
+        let v: i64 = db
+            .blocking(|c| Ok(c.query_row("PRAGMA user_version", [], |r| r.get(0))?))
+            .unwrap();
+        assert_eq!(v, SCHEMA_VERSION);
+        drop(db);
+        Db::open(&p).unwrap();
+    }
+
+    #[test]
+    fn each_upgrade_from_every_older_version() {
+        for start in 0..SCHEMA_VERSION {
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("agent.db");
+            {
+                let mut c = Connection::open(&p).unwrap();
+                for sql in &MIGRATIONS[..start as usize] {
+                    c.execute_batch(sql).unwrap();
+                }
+                c.pragma_update(None, "user_version", start).unwrap();
+                let _ = &mut c;
+            }
+            let db = Db::open(&p).unwrap();
+            let v: i64 = db
+                .blocking(|c| Ok(c.query_row("PRAGMA user_version", [], |r| r.get(0))?))
+                .unwrap();
+            assert_eq!(v, SCHEMA_VERSION, "upgrade from {start}");
+        }
+    }
+
+    #[test]
+    fn refuses_a_newer_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("agent.db");
+        Connection::open(&p)
+            .unwrap()
+            .pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+            .unwrap();
+        let err = Db::open(&p).unwrap_err();
+        assert!(matches!(err, StorageError::TooNew { .. }), "{err}");
+    }
+}
