@@ -243,7 +243,16 @@ async fn write_loop(
             }
         }
     }
-    // Every sender is gone: the connection is over without a close request.
+    // Every sender is gone: close with the requested code, if any.
+    if let Ok((code, reason)) = close_rx.try_recv() {
+        let frame = CloseFrame {
+            code: CloseCode::from(code),
+            reason: reason.into(),
+        };
+        let _ = sink.send(Message::Close(Some(frame))).await;
+        let _ = sink.flush().await;
+        return;
+    }
     let _ = sink.close().await;
 }
 

@@ -1,14 +1,14 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
-}
+//! A simulated phone for secrets-agent: keys, pairing, authentication with
+//! mutual verification, multiplexed admin requests, events and biometric
+//! approvals. Written from SPEC.md alone (it shares no code with the server),
+//! so the integration tests that use it check the server against the
+//! contract, not against itself.
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+pub mod client;
+pub mod identity;
+pub mod proto;
+pub mod raw;
 
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
-    }
-}
+pub use client::{Client, ClientError, Connected};
+pub use identity::{ApprovalAlg, Identity, Pinned};
+pub use raw::{Incoming, RawConn};

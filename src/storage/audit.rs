@@ -204,6 +204,7 @@ fn last_record(file: &mut File) -> std::io::Result<Option<Value>> {
 enum Msg {
     Entry(AuditEntry),
     SetDir(PathBuf),
+    Flush(std::sync::mpsc::SyncSender<()>),
     Close,
 }
 
@@ -230,6 +231,10 @@ impl AuditLog {
                             Msg::SetDir(d) => {
                                 flush(&mut w, &mut batch);
                                 w = ChainWriter::new(d, w.db.clone());
+                            }
+                            Msg::Flush(ack) => {
+                                flush(&mut w, &mut batch);
+                                let _ = ack.send(());
                             }
                             Msg::Close => {
                                 flush(&mut w, &mut batch);
@@ -258,6 +263,14 @@ impl AuditLog {
     /// Switches to a new directory: a new chain starts there (SPEC §8a).
     pub async fn set_dir(&self, dir: PathBuf) {
         let _ = self.tx.send(Msg::SetDir(dir)).await;
+    }
+
+    /// Waits until everything queued before this call is on disk.
+    pub async fn flush(&self) {
+        let (ack, done) = std::sync::mpsc::sync_channel(1);
+        if self.tx.send(Msg::Flush(ack)).await.is_ok() {
+            let _ = tokio::task::spawn_blocking(move || done.recv()).await;
+        }
     }
 
     /// Writes everything queued so far, then stops the writer thread.

@@ -1,0 +1,440 @@
+//! The phone's session: pairing and authentication (with the server's
+//! signature checked against the pinned key), multiplexed admin requests
+//! over both codecs, events, and approval answers.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ed25519_dalek::Verifier;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Map, Value, json};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_tungstenite::tungstenite::{self, Message};
+
+use crate::identity::{Identity, Pinned};
+use crate::proto;
+use crate::raw::{RawConn, Ws};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("WebSocket: {0}")]
+    Ws(#[from] tungstenite::Error),
+    #[error("protocol: {0}")]
+    Protocol(String),
+    #[error("the server refused the handshake: {code}: {message}")]
+    Refused {
+        code: String,
+        message: String,
+        close: Option<(u16, String)>,
+    },
+    #[error("the server's signature does not verify against the pinned server key")]
+    ServerSignature,
+    #[error("the server key {got} is not the pinned one {pinned}")]
+    ServerKeyMismatch { got: String, pinned: String },
+    #[error("connection closed: {0:?}")]
+    Closed(Option<(u16, String)>),
+    #[error("timed out")]
+    Timeout,
+}
+
+/// The session the handshake established.
+#[derive(Debug, Clone)]
+pub struct Connected {
+    pub session_id: String,
+    pub device_id: String,
+    pub server_key: String,
+}
+
+/// Where to connect.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub url: String,
+    /// CA certificate (PEM) for `wss://`.
+    pub ca: Option<PathBuf>,
+    /// Local address to connect from (tests of per-address limits).
+    pub from: Option<std::net::IpAddr>,
+}
+
+impl Endpoint {
+    pub fn new(url: impl Into<String>) -> Endpoint {
+        Endpoint {
+            url: url.into(),
+            ca: None,
+            from: None,
+        }
+    }
+}
+
+async fn read_challenge(conn: &mut RawConn) -> Result<(String, String, i64), ClientError> {
+    let ch = conn.recv_frame().await?;
+    if ch["type"] != "challenge" || ch["protocol"] != 1 {
+        return Err(ClientError::Protocol(format!(
+            "expected a protocol 1 challenge, got {ch}"
+        )));
+    }
+    let s = |k: &str| {
+        ch[k]
+            .as_str()
+            .map(String::from)
+            .ok_or_else(|| ClientError::Protocol(format!("challenge without {k}")))
+    };
+    Ok((
+        s("server_key")?,
+        s("nonce")?,
+        ch["ts"]
+            .as_i64()
+            .ok_or_else(|| ClientError::Protocol("challenge without ts".into()))?,
+    ))
+}
+
+fn verify_server(
+    server_key: &str,
+    session_id: &str,
+    device_id: &str,
+    client_nonce: &str,
+    sig: &str,
+) -> Result<(), ClientError> {
+    let pk: [u8; 32] = proto::unb64(server_key)
+        .and_then(|b| b.try_into().ok())
+        .ok_or(ClientError::ServerSignature)?;
+    let vk =
+        ed25519_dalek::VerifyingKey::from_bytes(&pk).map_err(|_| ClientError::ServerSignature)?;
+    let sig = proto::unb64(sig).ok_or(ClientError::ServerSignature)?;
+    let sig =
+        ed25519_dalek::Signature::from_slice(&sig).map_err(|_| ClientError::ServerSignature)?;
+    let msg = proto::auth_ok_string(server_key, session_id, device_id, client_nonce);
+    vk.verify(msg.as_bytes(), &sig)
+        .map_err(|_| ClientError::ServerSignature)
+}
+
+async fn finish_handshake(
+    mut conn: RawConn,
+    expect: &str,
+    server_key: &str,
+    client_nonce: &str,
+) -> Result<(Client, Connected), ClientError> {
+    let reply = match conn.recv().await {
+        crate::Incoming::Frame(v) => v,
+        crate::Incoming::Text(t) => {
+            return Err(ClientError::Protocol(format!("non-JSON frame {t}")));
+        }
+        crate::Incoming::Closed(c) => return Err(ClientError::Closed(c)),
+    };
+    if reply["type"] == "auth_error" {
+        let close = conn.closed().await;
+        return Err(ClientError::Refused {
+            code: reply["code"].as_str().unwrap_or("").into(),
+            message: reply["message"].as_str().unwrap_or("").into(),
+            close,
+        });
+    }
+    if reply["type"] != expect {
+        return Err(ClientError::Protocol(format!(
+            "expected {expect}, got {reply}"
+        )));
+    }
+    let s = |k: &str| reply[k].as_str().unwrap_or("").to_string();
+    if expect == "pair_ok" && s("server_key") != server_key {
+        return Err(ClientError::ServerKeyMismatch {
+            got: s("server_key"),
+            pinned: server_key.into(),
+        });
+    }
+    verify_server(
+        server_key,
+        &s("session_id"),
+        &s("device_id"),
+        client_nonce,
+        &s("server_signature"),
+    )?;
+    let connected = Connected {
+        session_id: s("session_id"),
+        device_id: s("device_id"),
+        server_key: server_key.into(),
+    };
+    Ok((Client::start(conn.ws), connected))
+}
+
+/// Pairs `id` using `code`; on success the server key is pinned in `id`.
+/// `expected_server_key` is what `secrets-agent pair` showed the owner.
+pub async fn pair(
+    ep: &Endpoint,
+    id: &mut Identity,
+    code: &str,
+    expected_server_key: Option<&str>,
+) -> Result<(Client, Connected), ClientError> {
+    let mut conn = RawConn::connect_from(&ep.url, ep.ca.as_deref(), ep.from).await?;
+    let (server_key, nonce, _ts) = read_challenge(&mut conn).await?;
+    if let Some(k) = expected_server_key.filter(|k| *k != server_key) {
+        return Err(ClientError::ServerKeyMismatch {
+            got: server_key,
+            pinned: k.into(),
+        });
+    }
+    let client_nonce = proto::nonce32();
+    let (dpk, apk) = (id.public_key_b64(), id.approval_public_key_b64());
+    let msg = proto::pair_string(&server_key, &nonce, code, &dpk, &apk, &client_nonce);
+    conn.send_json(&json!({
+        "type": "pair", "protocol": 1, "code": code, "device_name": id.device_name,
+        "device_public_key": dpk, "approval_public_key": apk, "approval_key_alg": id.approval_alg().as_str(),
+        "client_nonce": client_nonce, "signature": id.sign_device(&msg), "approval_signature": id.sign_approval(&msg),
+    }))
+    .await?;
+    let out = finish_handshake(conn, "pair_ok", &server_key, &client_nonce).await?;
+    id.pinned = Some(Pinned {
+        url: ep.url.clone(),
+        server_key: server_key.clone(),
+        device_id: out.1.device_id.clone(),
+    });
+    Ok(out)
+}
+
+/// Authenticates a paired identity against the server key it pinned.
+pub async fn auth(ep: &Endpoint, id: &Identity) -> Result<(Client, Connected), ClientError> {
+    let pinned = id
+        .pinned
+        .as_ref()
+        .ok_or_else(|| ClientError::Protocol("this identity is not paired yet".into()))?;
+    let mut conn = RawConn::connect_from(&ep.url, ep.ca.as_deref(), ep.from).await?;
+    let (server_key, nonce, ts) = read_challenge(&mut conn).await?;
+    if server_key != pinned.server_key {
+        return Err(ClientError::ServerKeyMismatch {
+            got: server_key,
+            pinned: pinned.server_key.clone(),
+        });
+    }
+    let client_nonce = proto::nonce32();
+    let device_id = id.device_id();
+    let msg = proto::auth_string(&server_key, &nonce, &device_id, &client_nonce, ts);
+    conn.send_json(&json!({
+        "type": "auth", "protocol": 1, "device_id": device_id, "nonce": nonce,
+        "client_nonce": client_nonce, "ts": ts, "signature": id.sign_device(&msg),
+    }))
+    .await?;
+    finish_handshake(conn, "auth_ok", &server_key, &client_nonce).await
+}
+
+type PendingMap = Arc<Mutex<HashMap<String, oneshot::Sender<Value>>>>;
+
+/// An authenticated session with requests multiplexed over it.
+pub struct Client {
+    out: mpsc::Sender<Message>,
+    pending: PendingMap,
+    events: tokio::sync::Mutex<mpsc::UnboundedReceiver<Value>>,
+    closed: watch::Receiver<Option<Option<(u16, String)>>>,
+    next_id: AtomicU64,
+}
+
+impl Client {
+    fn start(ws: Ws) -> Client {
+        let (mut sink, mut stream) = ws.split();
+        let (out, mut out_rx) = mpsc::channel::<Message>(1024);
+        let pending: PendingMap = Arc::default();
+        let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+        let (closed_tx, closed) = watch::channel(None);
+        tokio::spawn(async move {
+            while let Some(m) = out_rx.recv().await {
+                if sink.send(m).await.is_err() {
+                    break;
+                }
+            }
+            let _ = sink.close().await;
+        });
+        let p2 = pending.clone();
+        tokio::spawn(async move {
+            let close = loop {
+                match stream.next().await {
+                    Some(Ok(Message::Text(t))) => {
+                        let Ok(v) = serde_json::from_str::<Value>(t.as_str()) else {
+                            continue;
+                        };
+                        let key = response_key(&v);
+                        let waiter = key.and_then(|k| p2.lock().unwrap().remove(&k));
+                        match waiter {
+                            Some(w) => {
+                                let _ = w.send(v);
+                            }
+                            None => {
+                                let _ = ev_tx.send(v);
+                            }
+                        }
+                    }
+                    Some(Ok(Message::Close(c))) => {
+                        break c.map(|c| (u16::from(c.code), c.reason.to_string()));
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) | None => break None,
+                }
+            };
+            p2.lock().unwrap().clear();
+            let _ = closed_tx.send(Some(close));
+        });
+        Client {
+            out,
+            pending,
+            events: tokio::sync::Mutex::new(ev_rx),
+            closed,
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    /// Sends a text frame as is.
+    pub async fn send_raw(&self, text: impl Into<String>) -> Result<(), ClientError> {
+        self.out
+            .send(Message::text(text.into()))
+            .await
+            .map_err(|_| ClientError::Closed(None))
+    }
+
+    async fn call(&self, key: String, frame: String) -> Result<Value, ClientError> {
+        let (tx, rx) = oneshot::channel();
+        self.pending.lock().unwrap().insert(key, tx);
+        self.send_raw(frame).await?;
+        rx.await
+            .map_err(|_| ClientError::Closed(self.closed.borrow().clone().flatten()))
+    }
+
+    /// An envelope request with a fresh `request_id`; returns the payload.
+    pub async fn request(&self, action: &str, params: Value) -> Result<Value, ClientError> {
+        let rid = format!("r{}", self.next_id.fetch_add(1, Ordering::Relaxed));
+        self.request_with_id(&rid, action, params).await
+    }
+
+    /// An envelope request with the given `request_id`; returns the payload.
+    pub async fn request_with_id(
+        &self,
+        rid: &str,
+        action: &str,
+        params: Value,
+    ) -> Result<Value, ClientError> {
+        let mut payload = match params {
+            Value::Object(m) => m,
+            Value::Null => Map::new(),
+            other => {
+                return Err(ClientError::Protocol(format!(
+                    "params must be an object, got {other}"
+                )));
+            }
+        };
+        payload.insert("action".into(), json!(action));
+        let frame = json!({"type": "admin", "request_id": rid, "payload": payload}).to_string();
+        let resp = self.call(format!("env:{rid}"), frame).await?;
+        Ok(resp["payload"].clone())
+    }
+
+    /// A JSON-RPC 2.0 call; returns the whole response object.
+    pub async fn jsonrpc(
+        &self,
+        id: Value,
+        method: &str,
+        params: Value,
+    ) -> Result<Value, ClientError> {
+        let frame =
+            json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}).to_string();
+        self.call(format!("rpc:{}", id_key(&id)), frame).await
+    }
+
+    /// The next frame that is not a response to one of our requests.
+    pub async fn next_event(&self) -> Option<Value> {
+        self.events.lock().await.recv().await
+    }
+
+    /// Waits (up to `within`) for an event matching `pred`, dropping others.
+    pub async fn wait_event(
+        &self,
+        within: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Result<Value, ClientError> {
+        tokio::time::timeout(within, async {
+            loop {
+                match self.next_event().await {
+                    Some(v) if pred(&v) => return Ok(v),
+                    Some(_) => continue,
+                    None => {
+                        return Err(ClientError::Closed(self.closed.borrow().clone().flatten()));
+                    }
+                }
+            }
+        })
+        .await
+        .map_err(|_| ClientError::Timeout)?
+    }
+
+    /// Answers an `approval_request` after checking that its digest matches
+    /// the action and params shown. `decision`: "approve" or "deny".
+    pub async fn answer_approval(
+        &self,
+        id: &Identity,
+        request: &Value,
+        decision: &str,
+    ) -> Result<(), ClientError> {
+        let action = request["action"].as_str().unwrap_or("");
+        let digest = request["action_digest"].as_str().unwrap_or("");
+        if proto::action_digest(action, &request["params"]) != digest {
+            return Err(ClientError::Protocol(
+                "action_digest does not match the action and params shown; refusing to sign".into(),
+            ));
+        }
+        let frame = approval_response(id, request, decision);
+        self.send_raw(frame.to_string()).await
+    }
+
+    /// Waits until the server closes the connection; its close code and reason.
+    pub async fn closed(&self) -> Option<(u16, String)> {
+        let mut rx = self.closed.clone();
+        loop {
+            if let Some(c) = rx.borrow().clone() {
+                return c;
+            }
+            if rx.changed().await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    /// Closes the connection politely.
+    pub async fn close(&self) {
+        let _ = self.out.send(Message::Close(None)).await;
+    }
+}
+
+/// The signed `approval_response` for `request` (no digest check).
+pub fn approval_response(id: &Identity, request: &Value, decision: &str) -> Value {
+    let s = |k: &str| request[k].as_str().unwrap_or("").to_string();
+    let msg = proto::approval_string(
+        &s("approval_id"),
+        &s("action_digest"),
+        &s("challenge"),
+        decision,
+    );
+    json!({
+        "type": "approval_response", "approval_id": s("approval_id"), "device_id": id.device_id(),
+        "decision": decision, "signature": id.sign_approval(&msg),
+    })
+}
+
+fn id_key(id: &Value) -> String {
+    match id {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// The pending-map key a frame answers, if it is a response.
+fn response_key(v: &Value) -> Option<String> {
+    if v.get("type").and_then(Value::as_str) == Some("admin_response") {
+        return v
+            .get("request_id")
+            .and_then(Value::as_str)
+            .map(|r| format!("env:{r}"));
+    }
+    if v.get("jsonrpc").is_some() && (v.get("result").is_some() || v.get("error").is_some()) {
+        return v.get("id").map(|id| format!("rpc:{}", id_key(id)));
+    }
+    None
+}
