@@ -444,10 +444,8 @@ impl Session {
         let obj = match v {
             Value::Object(o) => o,
             Value::Array(_) => {
-                let err = ApiError::invalid(
-                    "JSON-RPC batches are not supported: send one request per frame",
-                );
-                return self.send(frames::jsonrpc_error(&Value::Null, &err)).await;
+                let msg = "JSON-RPC batches are not supported: send one request per frame";
+                return self.send(frames::jsonrpc_invalid(&Value::Null, msg)).await;
             }
             _ => {
                 return self
@@ -556,10 +554,8 @@ impl Session {
         let version_ok = obj.get("jsonrpc").and_then(Value::as_str) == Some("2.0");
         let method = obj.remove("method");
         let (true, true, Some(Value::String(method))) = (well_formed_id, version_ok, method) else {
-            let err = ApiError::invalid(
-                "malformed JSON-RPC 2.0 request: needs \"jsonrpc\":\"2.0\", a string `method` and a string, number or null `id`",
-            );
-            return self.send(frames::jsonrpc_error(&reply_id, &err)).await;
+            let msg = "malformed JSON-RPC 2.0 request: needs \"jsonrpc\":\"2.0\", a string `method` and a string, number or null `id`";
+            return self.send(frames::jsonrpc_invalid(&reply_id, msg)).await;
         };
         let Some(id) = id else { return }; // a notification: not executed, no reply
         let params = match obj.remove("params") {

@@ -156,6 +156,7 @@ pub async fn start(opts: Options) -> Result<ServerHandle, StartError> {
     tracing::info!(%url, server_key = state.key.public_b64(), "listening");
 
     if opts.print_pairing_code {
+        use std::io::Write;
         let paired = state.db.call(|c| devices::count_active_devices(c)).await?;
         if paired == 0 {
             let offer = create_offer(
@@ -169,7 +170,10 @@ pub async fn start(opts: Options) -> Result<ServerHandle, StartError> {
                 "No device is paired yet. Pairing code: {} (valid 5 minutes)\n  server key: {}\n  url: {}",
                 offer.code, offer.server_key, offer.url
             );
+        } else {
+            println!("listening on {url}");
         }
+        let _ = std::io::stdout().flush();
     }
 
     let registry = rpc::build(state.clone());

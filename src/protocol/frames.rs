@@ -76,6 +76,12 @@ pub fn jsonrpc_error(id: &Value, err: &ApiError) -> String {
     json!({"jsonrpc": "2.0", "id": id, "error": obj}).to_string()
 }
 
+/// JSON-RPC -32600: a malformed request object or a batch (`data.code` `invalid_request`).
+pub fn jsonrpc_invalid(id: &Value, message: &str) -> String {
+    json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32600, "message": message, "data": {"code": "invalid_request"}}})
+        .to_string()
+}
+
 pub fn event(name: &str, data: Value) -> String {
     json!({"type": "event", "event": name, "data": data}).to_string()
 }
