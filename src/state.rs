@@ -1,7 +1,9 @@
 //! `AppState`: everything the server shares, behind one `Arc`.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+
+use tokio::sync::watch;
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -48,7 +50,8 @@ impl DataDir {
 
 pub struct AppState {
     pub dir: DataDir,
-    config: RwLock<Arc<Config>>,
+    /// The live configuration; subscribers (scheduler, memory) see changes at once.
+    config: watch::Sender<Arc<Config>>,
     pub db: Db,
     pub key: ServerKey,
     pub clock: Clock,
@@ -79,7 +82,7 @@ impl AppState {
         );
         AppState {
             dir,
-            config: RwLock::new(Arc::new(config)),
+            config: watch::Sender::new(Arc::new(config)),
             db,
             key,
             clock: Clock::new(),

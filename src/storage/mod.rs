@@ -5,6 +5,7 @@
 
 pub mod audit;
 pub mod devices;
+pub mod toggles;
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -71,6 +72,48 @@ const MIGRATIONS: &[&str] = &[
         decided_by TEXT
     );
     CREATE INDEX approvals_pending ON approvals(status) WHERE status = 'pending';
+    "#,
+    // 3: memories with their embeddings (a memory never exists without one).
+    r#"
+    CREATE TABLE memories (
+        id TEXT PRIMARY KEY,
+        content TEXT NOT NULL,
+        category TEXT NOT NULL,
+        tags TEXT NOT NULL,            -- JSON array of strings
+        confidence TEXT NOT NULL,      -- low | medium | high
+        created_at INTEGER NOT NULL,   -- Unix ms
+        updated_at INTEGER NOT NULL,
+        embedding BLOB NOT NULL,       -- little-endian f32 x dim
+        model_id TEXT NOT NULL
+    );
+    CREATE INDEX memories_newest ON memories(created_at DESC, id DESC);
+    "#,
+    // 4: scheduler: executions and per-task run state.
+    r#"
+    CREATE TABLE task_executions (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        task_id TEXT NOT NULL,
+        task_name TEXT NOT NULL,
+        started_at INTEGER NOT NULL,
+        completed_at INTEGER,
+        success INTEGER,
+        error TEXT
+    );
+    CREATE INDEX task_executions_task ON task_executions(task_name, id DESC);
+    CREATE TABLE task_state (
+        task_id TEXT PRIMARY KEY,
+        last_run INTEGER,              -- Unix ms of the last start
+        last_slot INTEGER              -- Unix ms of the last scheduled slot run
+    );
+    "#,
+    // 5: toggles of plugins, skills and tasks, overriding the files' defaults.
+    r#"
+    CREATE TABLE toggles (
+        kind TEXT NOT NULL,            -- plugin | skill | task
+        name TEXT NOT NULL,
+        enabled INTEGER NOT NULL,
+        PRIMARY KEY (kind, name)
+    );
     "#,
 ];
 
