@@ -97,15 +97,17 @@ impl AppState {
 
     /// The current configuration (cheap: an `Arc` clone).
     pub fn config(&self) -> Arc<Config> {
-        self.config
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.config.borrow().clone()
     }
 
-    /// Replaces the live configuration.
+    /// Replaces the live configuration and wakes every subscriber.
     pub fn set_config(&self, c: Config) {
-        *self.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(c);
+        self.config.send_replace(Arc::new(c));
+    }
+
+    /// A receiver that sees every configuration change.
+    pub fn subscribe_config(&self) -> watch::Receiver<Arc<Config>> {
+        self.config.subscribe()
     }
 
     /// Appends an audit record stamped now.

@@ -36,6 +36,8 @@ pub fn set(c: &Connection, kind: Kind, name: &str, enabled: bool) -> Result<(), 
 /// Every toggle of `kind`: name → enabled.
 pub fn all(c: &Connection, kind: Kind) -> Result<HashMap<String, bool>, StorageError> {
     let mut st = c.prepare_cached("SELECT name, enabled FROM toggles WHERE kind = ?1")?;
-    let rows = st.query_map([kind.as_str()], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? != 0)))?;
+    let rows = st.query_map([kind.as_str()], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? != 0))
+    })?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
