@@ -10,10 +10,12 @@ pub mod clock;
 pub mod config;
 pub mod connection;
 pub mod handlers;
+pub mod plugins;
 pub mod protocol;
 pub mod rpc;
 pub mod server;
 pub mod sessions;
+pub mod skills;
 pub mod state;
 pub mod storage;
 

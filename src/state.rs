@@ -13,7 +13,9 @@ use crate::auth::keys::ServerKey;
 use crate::auth::ratelimit::HandshakeLimiter;
 use crate::clock::Clock;
 use crate::config::Config;
+use crate::plugins::Plugins;
 use crate::sessions::Sessions;
+use crate::skills::Skills;
 use crate::storage::Db;
 use crate::storage::audit::{AuditEntry, AuditLog};
 
@@ -59,6 +61,8 @@ pub struct AppState {
     pub limiter: HandshakeLimiter,
     pub audit: AuditLog,
     pub approvals: Approvals,
+    pub plugins: Plugins,
+    pub skills: Skills,
     /// Cancelled once when the server starts shutting down.
     pub shutdown: CancellationToken,
     /// Every task the server spawns; shutdown waits for them.
@@ -74,7 +78,17 @@ impl std::fmt::Debug for AppState {
 }
 
 impl AppState {
+    /// Builds the state; loads plugins and skills with their persisted toggles.
     pub fn new(dir: DataDir, config: Config, db: Db, key: ServerKey) -> AppState {
+        use crate::storage::toggles::{self, Kind};
+        let plugin_toggles = db
+            .blocking(|c| toggles::all(c, Kind::Plugin))
+            .unwrap_or_default();
+        let skill_toggles = db
+            .blocking(|c| toggles::all(c, Kind::Skill))
+            .unwrap_or_default();
+        let plugins = Plugins::load(&dir.root, plugin_toggles);
+        let skills = Skills::load(&dir.root, skill_toggles);
         let audit = AuditLog::start(dir.resolve(&config.audit.dir), db.clone());
         let limiter = HandshakeLimiter::new(
             config.server.auth_failures_per_minute,
@@ -90,6 +104,8 @@ impl AppState {
             limiter,
             audit,
             approvals: Approvals::default(),
+            plugins,
+            skills,
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
         }

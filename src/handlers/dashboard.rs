@@ -13,8 +13,8 @@ pub async fn get_dashboard(state: Arc<AppState>, _caller: Caller, _p: NoParams) 
         "connected": true,
         "connected_devices": state.sessions.connected_devices(),
         "memory_count": 0,
-        "plugin_count": 0,
-        "skill_count": 0,
+        "plugin_count": state.plugins.count(),
+        "skill_count": state.skills.count(),
         "scheduled_task_count": 0,
         "recent_executions": [],
     }))

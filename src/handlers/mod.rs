@@ -6,6 +6,8 @@ pub mod approvals;
 pub mod config;
 pub mod dashboard;
 pub mod devices;
+pub mod plugins;
+pub mod skills;
 
 use jsonrpsee_core::server::RpcModule;
 

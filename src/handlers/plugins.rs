@@ -1,0 +1,47 @@
+//! `list_plugins`, `toggle_plugin`, `reload_plugins`.
+
+use std::sync::Arc;
+
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::protocol::ApiError;
+use crate::rpc::{ActionResult, Caller, NoParams};
+use crate::state::AppState;
+use crate::storage::toggles::{self, Kind};
+
+pub async fn list_plugins(state: Arc<AppState>, _c: Caller, _p: NoParams) -> ActionResult {
+    Ok(json!({"result": "plugins", "plugins": state.plugins.list_json()}))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Toggle {
+    pub name: String,
+    pub enabled: bool,
+}
+
+pub async fn toggle_plugin(state: Arc<AppState>, _c: Caller, p: Toggle) -> ActionResult {
+    if state.plugins.get(&p.name).is_none() {
+        return Err(ApiError::not_found(format!("no plugin named {:?}", p.name)));
+    }
+    let (name, enabled) = (p.name.clone(), p.enabled);
+    state
+        .db
+        .call(move |c| toggles::set(c, Kind::Plugin, &name, enabled))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    state.plugins.set_enabled(&p.name, p.enabled);
+    let word = if p.enabled { "enabled" } else { "disabled" };
+    Ok(json!({"result": "success", "message": format!("Plugin '{}' {word}", p.name)}))
+}
+
+pub async fn reload_plugins(state: Arc<AppState>, _c: Caller, _p: NoParams) -> ActionResult {
+    let s = state.clone();
+    let (loaded, failed) = tokio::task::spawn_blocking(move || s.plugins.reload())
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok(
+        json!({"result": "plugins_reloaded", "loaded": loaded, "failed": failed.iter().map(|f| f.to_json()).collect::<Vec<_>>()}),
+    )
+}
