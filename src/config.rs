@@ -246,6 +246,12 @@ impl Config {
                 self.scheduler.timezone
             ));
         }
+        if self.audit.dir.as_os_str().is_empty() {
+            return Err("audit.dir must not be empty".into());
+        }
+        if self.memory.model_dir.as_os_str().is_empty() {
+            return Err("memory.model_dir must not be empty".into());
+        }
         if self.llm.provider.trim().is_empty() {
             return Err("llm.provider must not be empty".into());
         }

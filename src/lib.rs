@@ -8,6 +8,7 @@ pub mod approvals;
 pub mod auth;
 pub mod clock;
 pub mod config;
+pub mod config_file;
 pub mod connection;
 pub mod handlers;
 pub mod plugins;

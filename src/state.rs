@@ -62,6 +62,8 @@ pub struct AppState {
     pub audit: AuditLog,
     pub approvals: Approvals,
     pub plugins: Plugins,
+    /// Serialises writers of config.toml.
+    pub config_write: tokio::sync::Mutex<()>,
     pub skills: Skills,
     /// Cancelled once when the server starts shutting down.
     pub shutdown: CancellationToken,
@@ -105,6 +107,7 @@ impl AppState {
             audit,
             approvals: Approvals::default(),
             plugins,
+            config_write: tokio::sync::Mutex::new(()),
             skills,
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
