@@ -3,19 +3,29 @@
 //! (temp file in the same folder, fsync, rename, fsync of the folder).
 
 use std::io::Write;
-use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use serde_json::{Map, Value};
 use toml_edit::DocumentMut;
 
-static FAIL_NEXT_RENAME: AtomicBool = AtomicBool::new(false);
+static FAIL_NEXT_RENAME: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 
-/// Makes the next atomic replace fail at the rename step, as a crash there
-/// would. For crash-safety tests only.
+/// Makes the next atomic replace of `path` fail at the rename step, as a
+/// crash there would. For crash-safety tests only.
 #[doc(hidden)]
-pub fn fail_next_rename_for_tests() {
-    FAIL_NEXT_RENAME.store(true, Ordering::SeqCst);
+pub fn fail_next_rename_for_tests(path: &Path) {
+    FAIL_NEXT_RENAME
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(path.to_path_buf());
+}
+
+fn take_injected_failure(path: &Path) -> bool {
+    let mut g = FAIL_NEXT_RENAME.lock().unwrap_or_else(|p| p.into_inner());
+    let before = g.len();
+    g.retain(|p| p != path);
+    g.len() != before
 }
 
 /// Writes `text` to `path` atomically: readers see the old file or the new
@@ -32,7 +42,7 @@ pub fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
     if let Ok(meta) = std::fs::metadata(path) {
         let _ = std::fs::set_permissions(tmp.path(), meta.permissions());
     }
-    if FAIL_NEXT_RENAME.swap(false, Ordering::SeqCst) {
+    if take_injected_failure(path) {
         // Dropping `tmp` removes the temp file, as after a failed rename.
         return Err(std::io::Error::other("simulated failure at rename"));
     }
@@ -127,7 +137,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("config.toml");
         std::fs::write(&p, "old").unwrap();
-        fail_next_rename_for_tests();
+        fail_next_rename_for_tests(&p);
         assert!(write_atomically(&p, "new").is_err());
         assert_eq!(std::fs::read_to_string(&p).unwrap(), "old");
         assert_eq!(

@@ -11,6 +11,7 @@ pub mod config;
 pub mod config_file;
 pub mod connection;
 pub mod handlers;
+pub mod logging;
 pub mod plugins;
 pub mod protocol;
 pub mod rpc;

@@ -101,10 +101,9 @@ fn data_dir(d: &DirArg) -> Result<DataDir> {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SECRETS_AGENT_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
+        .with_env_filter(secrets_agent::logging::filter(
+            &std::env::var("SECRETS_AGENT_LOG").unwrap_or_default(),
+        ))
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();

@@ -20,6 +20,17 @@ pub fn register_all(m: &mut RpcModule<AppState>) {
     register(m, "get_config", config::get_config);
     register(m, "list_devices", devices::list_devices);
     register(m, "list_approvals", approvals::list_approvals);
+    register(m, "list_plugins", plugins::list_plugins);
+    register(m, "toggle_plugin", plugins::toggle_plugin);
+    register(m, "reload_plugins", plugins::reload_plugins);
+    register(m, "list_skills", skills::list_skills);
+    register(m, "toggle_skill", skills::toggle_skill);
+    register_gated(
+        m,
+        "update_config",
+        config::prepare_update,
+        config::update_config,
+    );
     register_gated(
         m,
         "revoke_device",
