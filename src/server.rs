@@ -73,6 +73,8 @@ pub struct ServerHandle {
     pub addr: SocketAddr,
     pub url: String,
     pub state: Arc<AppState>,
+    /// Every registered action name, sorted.
+    pub actions: Vec<&'static str>,
     accept: tokio::task::JoinHandle<()>,
 }
 
@@ -177,12 +179,14 @@ pub async fn start(opts: Options) -> Result<ServerHandle, StartError> {
     }
 
     let registry = rpc::build(state.clone());
+    let actions = registry.action_names();
     state.tasks.spawn(watch_revocations(state.clone()));
     let accept = tokio::spawn(accept_loop(listener, state.clone(), registry, tls));
     Ok(ServerHandle {
         addr,
         url,
         state,
+        actions,
         accept,
     })
 }
