@@ -175,3 +175,39 @@ async fn skills_from_front_matter_and_a_broken_one_reported() {
     let list = c.request("list_skills", json!({})).await.unwrap();
     assert_eq!(list["skills"][0]["enabled"], false);
 }
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.path().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), target).unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_shipped_examples_load() {
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(examples.join("config.toml"), dir.path().join("config.toml")).unwrap();
+    copy_dir(&examples.join("plugins"), &dir.path().join("plugins"));
+    copy_dir(&examples.join("skills"), &dir.path().join("skills"));
+    let handle = common::start_in(dir.path()).await;
+    let url = handle.url.clone();
+    let s = TestServer {
+        handle: Some(handle),
+        dir,
+        url,
+    };
+    let (c, _) = s.phone("p").await;
+    let r = c.request("reload_plugins", json!({})).await.unwrap();
+    assert_eq!(r["loaded"], 2, "{r}");
+    assert_eq!(r["failed"], json!([]));
+    let skills = c.request("list_skills", json!({})).await.unwrap();
+    assert_eq!(skills["skills"][0]["id"], "web-search");
+    assert_eq!(skills["failed"], json!([]));
+}
