@@ -1,16 +1,633 @@
-//! `mobile-sim bench`: the load generator (SPEC §9). Filled in with the
-//! performance work; for now it reports that it needs arguments.
+//! `mobile-sim bench`: the load generator of SPEC §9 and issue 7.
+//!
+//! It starts (or targets) a server, pairs, and measures admin round trips
+//! over authenticated sessions (C connections × K requests in flight),
+//! full handshakes per second, an open-loop fixed rate, and the server's
+//! memory with many idle sessions. In the same run it measures a bare
+//! tokio-tungstenite echo server built into the bench (same machine, same
+//! frames) and prints every figure next to that baseline.
 
-use std::path::Path;
-use std::process::ExitCode;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
-#[derive(clap::Args)]
-pub struct BenchArgs {}
+use anyhow::{Context, Result, bail};
+use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::Mutex;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::client::{self, Endpoint};
+use crate::identity::{ApprovalAlg, Identity};
+use crate::proto;
+use crate::raw::connect_ws;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Target a running server (its phone must be paired in --state). Without
+    /// it, the bench starts `secrets-agent serve` on a temp data dir.
+    #[arg(long)]
+    url: Option<String>,
+    /// The server binary to start [default: `secrets-agent` next to this binary].
+    #[arg(long)]
+    server_bin: Option<PathBuf>,
+    /// Seconds per measured scenario.
+    #[arg(long, default_value_t = 5)]
+    duration_secs: u64,
+    /// Scenarios to run (comma-separated): rtt1, c50k1, c50k32, handshakes, open10k, idle10k, or all.
+    #[arg(long, default_value = "all")]
+    scenarios: String,
+    /// The action measured for round trips.
+    #[arg(long, default_value = "get_dashboard")]
+    action: String,
+    /// Sessions for the idle scenario.
+    #[arg(long, default_value_t = 10_000)]
+    idle_sessions: usize,
+    /// Requests per second for the open-loop scenario (over 50 connections).
+    #[arg(long, default_value_t = 10_000)]
+    open_rate: u64,
+    /// Print one JSON object per scenario instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// A started server process and how to reach it.
+struct Target {
+    url: String,
+    identity: Identity,
+    child: Option<Child>,
+    pid: Option<u32>,
+    _dir: Option<tempdir::TempDirGuard>,
+}
+
+mod tempdir {
+    /// Removes the bench's temp data dir on drop.
+    pub struct TempDirGuard(pub std::path::PathBuf);
+    impl Drop for TempDirGuard {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.child {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn default_server_bin() -> Result<PathBuf> {
+    let me = std::env::current_exe()?;
+    let p = me.with_file_name("secrets-agent");
+    if p.exists() {
+        Ok(p)
+    } else {
+        bail!(
+            "no secrets-agent binary next to {} (build it, or pass --server-bin)",
+            me.display()
+        )
+    }
+}
+
+async fn start_target(args: &BenchArgs, state: &Path, ca: Option<PathBuf>) -> Result<Target> {
+    if let Some(url) = &args.url {
+        let identity = Identity::load(state)
+            .with_context(|| format!("--url needs a phone paired in {}", state.display()))?;
+        let _ = ca;
+        return Ok(Target {
+            url: url.clone(),
+            identity,
+            child: None,
+            pid: None,
+            _dir: None,
+        });
+    }
+    let bin = match &args.server_bin {
+        Some(b) => b.clone(),
+        None => default_server_bin()?,
+    };
+    let dir = std::env::temp_dir().join(format!("secrets-agent-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    // Generous limits so the load itself is measured, not refused.
+    std::fs::write(dir.join("config.toml"), "[server]\nmax_in_flight = 1024\n")?;
+    let mut child = Command::new(&bin)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&dir)
+        .env("SECRETS_AGENT_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    let stdout = child.stdout.take().context("server stdout")?;
+    let (code, url) = tokio::task::spawn_blocking(move || -> Result<(String, String)> {
+        use std::io::BufRead;
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        let first = lines.next().context("the server printed nothing")??;
+        let code = first
+            .split("Pairing code: ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .context("no pairing code printed")?
+            .to_string();
+        let _key = lines.next();
+        let url = lines
+            .next()
+            .context("no url printed")??
+            .trim()
+            .trim_start_matches("url: ")
+            .to_string();
+        Ok((code, url))
+    })
+    .await??;
+    let mut identity = Identity::generate("bench", ApprovalAlg::Ed25519);
+    let (c, _) = client::pair(&Endpoint::new(url.clone()), &mut identity, &code, None).await?;
+    c.close().await;
+    let pid = Some(child.id());
+    Ok(Target {
+        url,
+        identity,
+        child: Some(child),
+        pid,
+        _dir: Some(tempdir::TempDirGuard(dir)),
+    })
+}
+
+/// A bare WebSocket echo server on its own runtime (2 worker threads, like
+/// the real server's default on this machine).
+fn start_echo() -> Result<String> {
+    let std_listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    std_listener.set_nonblocking(true)?;
+    let addr = std_listener.local_addr()?;
+    std::thread::Builder::new()
+        .name("echo-server".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("echo runtime");
+            rt.block_on(async move {
+                let listener = TcpListener::from_std(std_listener).expect("echo listener");
+                loop {
+                    let Ok((tcp, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    let _ = tcp.set_nodelay(true);
+                    tokio::spawn(async move {
+                        let Ok(ws) = tokio_tungstenite::accept_async(tcp).await else {
+                            return;
+                        };
+                        let (mut tx, mut rx) = ws.split();
+                        while let Some(Ok(m)) = rx.next().await {
+                            match m {
+                                Message::Text(_) | Message::Binary(_) => {
+                                    if tx.feed(m).await.is_err() {
+                                        break;
+                                    }
+                                    // Flush once per burst, as the real server does.
+                                    if tx.flush().await.is_err() {
+                                        break;
+                                    }
+                                }
+                                Message::Close(_) => break,
+                                _ => {}
+                            }
+                        }
+                    });
+                }
+            });
+        })?;
+    Ok(format!("ws://{addr}/ws"))
+}
+
+type Ws = crate::raw::Ws;
+
+/// An authenticated session (server), or a plain connection (echo).
+async fn open(url: &str, id: Option<&Identity>) -> Result<Ws> {
+    let mut ws = connect_ws(url, None).await?;
+    if let Some(id) = id {
+        let ch = next_json(&mut ws).await?;
+        let (key, nonce, ts) = (
+            ch["server_key"].as_str().unwrap_or(""),
+            ch["nonce"].as_str().unwrap_or(""),
+            ch["ts"].as_i64().unwrap_or(0),
+        );
+        let cn = proto::nonce32();
+        let msg = proto::auth_string(key, nonce, &id.device_id(), &cn, ts);
+        let auth = json!({"type": "auth", "protocol": 1, "device_id": id.device_id(), "nonce": nonce, "client_nonce": cn, "ts": ts, "signature": id.sign_device(&msg)});
+        ws.send(Message::text(auth.to_string())).await?;
+        let ok = next_json(&mut ws).await?;
+        if ok["type"] != "auth_ok" {
+            bail!("auth failed: {ok}");
+        }
+    }
+    Ok(ws)
+}
+
+async fn next_json(ws: &mut Ws) -> Result<Value> {
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Text(t))) => return Ok(serde_json::from_str(t.as_str())?),
+            Some(Ok(Message::Close(c))) => bail!("closed: {c:?}"),
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => return Err(e.into()),
+            None => bail!("closed"),
+        }
+    }
+}
+
+fn frame(action: &str, rid: &str) -> String {
+    format!(r#"{{"type":"admin","request_id":"{rid}","payload":{{"action":"{action}"}}}}"#)
+}
+
+/// Extracts `"request_id":"..."` without a full parse.
+fn request_id(text: &str) -> Option<&str> {
+    let i = text.find(r#""request_id":""#)? + 14;
+    let end = text[i..].find('"')?;
+    Some(&text[i..i + end])
+}
+
+#[derive(Debug, Clone)]
+struct Measure {
+    requests: u64,
+    secs: f64,
+    p50_us: f64,
+    p99_us: f64,
+    p999_us: f64,
+    errors: u64,
+}
+
+impl Measure {
+    fn rate(&self) -> f64 {
+        self.requests as f64 / self.secs
+    }
+    fn from(h: &Histogram<u64>, secs: f64, errors: u64) -> Measure {
+        Measure {
+            requests: h.len(),
+            secs,
+            p50_us: h.value_at_quantile(0.50) as f64,
+            p99_us: h.value_at_quantile(0.99) as f64,
+            p999_us: h.value_at_quantile(0.999) as f64,
+            errors,
+        }
+    }
+}
+
+fn hist() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds")
+}
+
+/// Closed loop: `conns` connections, each keeping `k` requests in flight.
+async fn closed_loop(
+    url: &str,
+    id: Option<&Identity>,
+    action: &str,
+    conns: usize,
+    k: usize,
+    dur: Duration,
+) -> Result<Measure> {
+    let mut sockets = Vec::with_capacity(conns);
+    for _ in 0..conns {
+        sockets.push(open(url, id).await?);
+    }
+    let merged = Arc::new(Mutex::new(hist()));
+    let errors = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let deadline = start + dur;
+    let mut tasks = Vec::new();
+    for (ci, ws) in sockets.into_iter().enumerate() {
+        let (merged, errors, action) = (merged.clone(), errors.clone(), action.to_string());
+        tasks.push(tokio::spawn(async move {
+            let (mut tx, mut rx) = ws.split();
+            let mut sent: HashMap<String, Instant> = HashMap::with_capacity(k * 2);
+            let mut h = hist();
+            let mut seq = 0u64;
+            for _ in 0..k {
+                seq += 1;
+                let rid = format!("c{ci}-{seq}");
+                sent.insert(rid.clone(), Instant::now());
+                if tx.send(Message::text(frame(&action, &rid))).await.is_err() {
+                    return;
+                }
+            }
+            while let Some(Ok(m)) = rx.next().await {
+                let Message::Text(t) = m else { continue };
+                let now = Instant::now();
+                let Some(rid) = request_id(t.as_str()) else {
+                    continue;
+                };
+                if let Some(t0) = sent.remove(rid) {
+                    h.saturating_record(now.duration_since(t0).as_micros() as u64);
+                }
+                if t.as_str().contains(r#""result":"error""#) {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+                if now >= deadline {
+                    if sent.is_empty() {
+                        break;
+                    }
+                    continue;
+                }
+                seq += 1;
+                let rid = format!("c{ci}-{seq}");
+                sent.insert(rid.clone(), Instant::now());
+                if tx.send(Message::text(frame(&action, &rid))).await.is_err() {
+                    break;
+                }
+            }
+            let _ = tx.send(Message::Close(None)).await;
+            merged.lock().await.add(&h).expect("same bounds");
+        }));
+    }
+    for t in tasks {
+        let _ = tokio::time::timeout(dur + Duration::from_secs(30), t).await;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let h = merged.lock().await.clone();
+    Ok(Measure::from(&h, secs, errors.load(Ordering::Relaxed)))
+}
+
+/// Open loop: `rate` requests/s spread over `conns` connections; latency is
+/// measured from each request's scheduled time (no coordinated omission).
+async fn open_loop(
+    url: &str,
+    id: Option<&Identity>,
+    action: &str,
+    conns: usize,
+    rate: u64,
+    dur: Duration,
+) -> Result<Measure> {
+    let mut sockets = Vec::with_capacity(conns);
+    for _ in 0..conns {
+        sockets.push(open(url, id).await?);
+    }
+    let per_conn = (rate as f64 / conns as f64).max(1.0);
+    let interval = Duration::from_secs_f64(1.0 / per_conn);
+    let merged = Arc::new(Mutex::new(hist()));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for (ci, ws) in sockets.into_iter().enumerate() {
+        let (merged, action) = (merged.clone(), action.to_string());
+        tasks.push(tokio::spawn(async move {
+            let (mut tx, mut rx) = ws.split();
+            let sent: Arc<std::sync::Mutex<HashMap<String, Instant>>> = Arc::default();
+            let done = Arc::new(AtomicBool::new(false));
+            let (s2, d2) = (sent.clone(), done.clone());
+            let reader = tokio::spawn(async move {
+                let mut h = hist();
+                while let Some(Ok(m)) = rx.next().await {
+                    let Message::Text(t) = m else { continue };
+                    let now = Instant::now();
+                    if let Some(rid) = request_id(t.as_str()) {
+                        let t0 = s2.lock().unwrap().remove(rid);
+                        if let Some(t0) = t0 {
+                            h.saturating_record(now.duration_since(t0).as_micros() as u64);
+                        }
+                    }
+                    if d2.load(Ordering::Relaxed) && s2.lock().unwrap().is_empty() {
+                        break;
+                    }
+                }
+                h
+            });
+            // Stagger connections across one interval.
+            let offset = interval.mul_f64(ci as f64 / 50.0);
+            let first = tokio::time::Instant::now() + offset;
+            let mut ticker = tokio::time::interval_at(first, interval);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            let mut seq = 0u64;
+            let end = tokio::time::Instant::now() + dur;
+            loop {
+                let scheduled = ticker.tick().await;
+                if scheduled >= end {
+                    break;
+                }
+                seq += 1;
+                let rid = format!("o{ci}-{seq}");
+                sent.lock()
+                    .unwrap()
+                    .insert(rid.clone(), scheduled.into_std());
+                if tx.send(Message::text(frame(&action, &rid))).await.is_err() {
+                    break;
+                }
+            }
+            done.store(true, Ordering::Relaxed);
+            let h = tokio::time::timeout(Duration::from_secs(10), reader).await;
+            let _ = tx.send(Message::Close(None)).await;
+            if let Ok(Ok(h)) = h {
+                merged.lock().await.add(&h).expect("same bounds");
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let h = merged.lock().await.clone();
+    Ok(Measure::from(&h, secs, 0))
+}
+
+/// Full handshakes (connect, challenge, auth, auth_ok, close) per second;
+/// for the echo: connect, one round trip, close.
+async fn handshakes(
+    url: &str,
+    id: Option<&Identity>,
+    workers: usize,
+    dur: Duration,
+) -> Result<Measure> {
+    let merged = Arc::new(Mutex::new(hist()));
+    let start = Instant::now();
+    let deadline = start + dur;
+    let mut tasks = Vec::new();
+    for _ in 0..workers {
+        let (merged, url, id) = (merged.clone(), url.to_string(), id.cloned());
+        tasks.push(tokio::spawn(async move {
+            let mut h = hist();
+            while Instant::now() < deadline {
+                let t0 = Instant::now();
+                let Ok(mut ws) = open(&url, id.as_ref()).await else {
+                    continue;
+                };
+                if id.is_none() {
+                    let _ = ws.send(Message::text("{}")).await;
+                    let _ = next_json(&mut ws).await;
+                }
+                let _ = ws.close(None).await;
+                h.saturating_record(t0.elapsed().as_micros() as u64);
+            }
+            merged.lock().await.add(&h).expect("same bounds");
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let h = merged.lock().await.clone();
+    Ok(Measure::from(&h, secs, 0))
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Opens `n` sessions and keeps them idle; returns (server RSS before, after) in KiB.
+async fn idle_sessions(
+    url: &str,
+    id: &Identity,
+    n: usize,
+    pid: Option<u32>,
+) -> Result<(Option<u64>, Option<u64>, usize, f64)> {
+    let before = pid.and_then(rss_kib);
+    let start = Instant::now();
+    let mut held = Vec::with_capacity(n);
+    let mut pending = futures_util::stream::FuturesUnordered::new();
+    let mut next = 0;
+    while held.len() < n {
+        while pending.len() < 64 && next < n {
+            let (u, i) = (url.to_string(), id.clone());
+            pending.push(async move { open(&u, Some(&i)).await });
+            next += 1;
+        }
+        match pending.next().await {
+            Some(Ok(ws)) => held.push(ws),
+            Some(Err(e)) => bail!("session {} failed: {e}", held.len()),
+            None => break,
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = pid.and_then(rss_kib);
+    let opened = held.len();
+    for mut ws in held {
+        let _ = ws.close(None).await;
+    }
+    Ok((before, after, opened, secs))
+}
+
+fn row(json_out: bool, name: &str, server: &Measure, echo: &Measure) {
+    if json_out {
+        println!(
+            "{}",
+            json!({"scenario": name, "server": {"rps": server.rate(), "p50_us": server.p50_us, "p99_us": server.p99_us, "p999_us": server.p999_us, "requests": server.requests, "errors": server.errors},
+                   "echo": {"rps": echo.rate(), "p50_us": echo.p50_us, "p99_us": echo.p99_us, "p999_us": echo.p999_us, "requests": echo.requests},
+                   "ratio": {"rps": server.rate() / echo.rate(), "p50": server.p50_us / echo.p50_us, "p99": server.p99_us / echo.p99_us}})
+        );
+    } else {
+        println!(
+            "{name:<26} {:>11.0}/s {:>9.0} {:>9.0} {:>9.0} | {:>11.0}/s {:>8.0} {:>8.0} {:>8.0} | {:>5.2}x {:>5.2}x {:>5.2}x{}",
+            server.rate(),
+            server.p50_us,
+            server.p99_us,
+            server.p999_us,
+            echo.rate(),
+            echo.p50_us,
+            echo.p99_us,
+            echo.p999_us,
+            server.rate() / echo.rate(),
+            server.p50_us / echo.p50_us,
+            server.p99_us / echo.p99_us,
+            if server.errors > 0 {
+                format!("  ({} errors)", server.errors)
+            } else {
+                String::new()
+            }
+        );
+    }
+}
 
 pub async fn run(
-    _args: BenchArgs,
-    _state: &Path,
-    _ca: Option<std::path::PathBuf>,
-) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("bench is not built yet")
+    args: BenchArgs,
+    state: &Path,
+    ca: Option<PathBuf>,
+) -> Result<std::process::ExitCode> {
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    let target = start_target(&args, state, ca).await?;
+    let echo = start_echo()?;
+    let dur = Duration::from_secs(args.duration_secs);
+    let want =
+        |s: &str| args.scenarios == "all" || args.scenarios.split(',').any(|x| x.trim() == s);
+    let id = Some(&target.identity);
+    if !args.json {
+        println!(
+            "secrets-agent bench: action {:?}, {} s per scenario, server {} vs built-in echo",
+            args.action, args.duration_secs, target.url
+        );
+        println!(
+            "{:<26} {:>13} {:>9} {:>9} {:>9} | {:>13} {:>8} {:>8} {:>8} | ratio rps/p50/p99",
+            "scenario (server | echo)",
+            "rate",
+            "p50 µs",
+            "p99 µs",
+            "p999 µs",
+            "rate",
+            "p50",
+            "p99",
+            "p999"
+        );
+    }
+    for (name, c, k) in [("rtt1", 1, 1), ("c50k1", 50, 1), ("c50k32", 50, 32)] {
+        if want(name) {
+            let s = closed_loop(&target.url, id, &args.action, c, k, dur).await?;
+            let e = closed_loop(&echo, None, &args.action, c, k, dur).await?;
+            row(args.json, &format!("C={c} K={k}"), &s, &e);
+        }
+    }
+    if want("open10k") {
+        let s = open_loop(&target.url, id, &args.action, 50, args.open_rate, dur).await?;
+        let e = open_loop(&echo, None, &args.action, 50, args.open_rate, dur).await?;
+        row(
+            args.json,
+            &format!("open loop {}/s, 50 conns", args.open_rate),
+            &s,
+            &e,
+        );
+    }
+    if want("handshakes") {
+        let s = handshakes(&target.url, id, 8, dur).await?;
+        let e = handshakes(&echo, None, 8, dur).await?;
+        row(args.json, "full handshakes (8 workers)", &s, &e);
+    }
+    if want("idle10k") {
+        let (before, after, n, secs) = idle_sessions(
+            &target.url,
+            &target.identity,
+            args.idle_sessions,
+            target.pid,
+        )
+        .await?;
+        let fmt = |k: Option<u64>| {
+            k.map(|k| format!("{:.1} MB", k as f64 / 1024.0))
+                .unwrap_or_else(|| "n/a (remote server)".into())
+        };
+        if args.json {
+            println!(
+                "{}",
+                json!({"scenario": "idle_sessions", "sessions": n, "open_secs": secs, "server_rss_before_kib": before, "server_rss_after_kib": after})
+            );
+        } else {
+            println!(
+                "{n} idle authenticated sessions opened in {secs:.1} s; server RSS {} before, {} with them open",
+                fmt(before),
+                fmt(after)
+            );
+        }
+    }
+    drop(target);
+    Ok(std::process::ExitCode::SUCCESS)
 }

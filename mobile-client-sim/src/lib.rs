@@ -4,6 +4,7 @@
 //! so the integration tests that use it check the server against the
 //! contract, not against itself.
 
+pub mod bench;
 pub mod client;
 pub mod identity;
 pub mod proto;

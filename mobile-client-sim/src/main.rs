@@ -11,7 +11,7 @@ use mobile_client_sim::client::{self, Endpoint};
 use mobile_client_sim::{ApprovalAlg, Client, Identity};
 use serde_json::{Map, Value, json};
 
-mod bench;
+use mobile_client_sim::bench;
 
 #[derive(Parser)]
 #[command(

@@ -102,6 +102,16 @@ pub async fn handle(
     peer: IpAddr,
     text: &str,
 ) -> Result<Authenticated, Refused> {
+    // A flooding address is refused whatever it sends (refusals are not counted).
+    if let Err(ms) = state.limiter.check_peer(peer) {
+        return Err(Refused {
+            retry_after_ms: Some(ms),
+            ..Refused::new(
+                E::RateLimited,
+                "too many failed handshakes from this address; retry later",
+            )
+        });
+    }
     let frame: Value = match serde_json::from_str(text) {
         Ok(v @ Value::Object(_)) => v,
         _ => {
@@ -127,15 +137,6 @@ pub async fn handle(
             Refused::new(E::Unauthenticated, msg),
         )
         .await;
-    }
-    if let Err(ms) = state.limiter.check_peer(peer) {
-        return Err(Refused {
-            retry_after_ms: Some(ms),
-            ..Refused::new(
-                E::RateLimited,
-                "too many failed handshakes from this address; retry later",
-            )
-        });
     }
     if pairing && let Err(ms) = state.limiter.check_pairing() {
         return Err(Refused {
