@@ -162,52 +162,70 @@ async fn start_target(args: &BenchArgs, state: &Path, ca: Option<PathBuf>) -> Re
     })
 }
 
-/// A bare WebSocket echo server on its own runtime (2 worker threads, like
-/// the real server's default on this machine).
-fn start_echo() -> Result<String> {
-    let std_listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    std_listener.set_nonblocking(true)?;
-    let addr = std_listener.local_addr()?;
-    std::thread::Builder::new()
-        .name("echo-server".into())
-        .spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .expect("echo runtime");
-            rt.block_on(async move {
-                let listener = TcpListener::from_std(std_listener).expect("echo listener");
-                loop {
-                    let Ok((tcp, _)) = listener.accept().await else {
-                        continue;
-                    };
-                    let _ = tcp.set_nodelay(true);
-                    tokio::spawn(async move {
-                        let Ok(ws) = tokio_tungstenite::accept_async(tcp).await else {
-                            return;
-                        };
-                        let (mut tx, mut rx) = ws.split();
-                        while let Some(Ok(m)) = rx.next().await {
-                            match m {
-                                Message::Text(_) | Message::Binary(_) => {
-                                    if tx.feed(m).await.is_err() {
-                                        break;
-                                    }
-                                    // Flush once per burst, as the real server does.
-                                    if tx.flush().await.is_err() {
-                                        break;
-                                    }
-                                }
-                                Message::Close(_) => break,
-                                _ => {}
+/// Serves a bare tokio-tungstenite echo on `listen` until killed, printing
+/// its URL first (`mobile-sim echo-server`, used as the bench's baseline).
+pub fn serve_echo(listen: &str) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener = TcpListener::bind(listen).await?;
+        println!("ws://{}/ws", listener.local_addr()?);
+        use std::io::Write;
+        std::io::stdout().flush()?;
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let _ = tcp.set_nodelay(true);
+            tokio::spawn(async move {
+                let Ok(ws) = tokio_tungstenite::accept_async(tcp).await else {
+                    return;
+                };
+                let (mut tx, mut rx) = ws.split();
+                while let Some(Ok(m)) = rx.next().await {
+                    match m {
+                        Message::Text(_) | Message::Binary(_) => {
+                            if tx.send(m).await.is_err() {
+                                break;
                             }
                         }
-                    });
+                        Message::Close(_) => break,
+                        _ => {}
+                    }
                 }
             });
-        })?;
-    Ok(format!("ws://{addr}/ws"))
+        }
+    })
+}
+
+/// The echo baseline as a separate process, like the server under test.
+struct Echo {
+    url: String,
+    child: Child,
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_echo() -> Result<Echo> {
+    let me = std::env::current_exe()?;
+    let mut child = Command::new(me)
+        .args(["echo-server", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let stdout = child.stdout.take().context("echo stdout")?;
+    let mut line = String::new();
+    use std::io::BufRead;
+    std::io::BufReader::new(stdout).read_line(&mut line)?;
+    Ok(Echo {
+        url: line.trim().to_string(),
+        child,
+    })
 }
 
 type Ws = crate::raw::Ws;
@@ -357,8 +375,12 @@ async fn closed_loop(
     Ok(Measure::from(&h, secs, errors.load(Ordering::Relaxed)))
 }
 
-/// Open loop: `rate` requests/s spread over `conns` connections; latency is
-/// measured from each request's scheduled time (no coordinated omission).
+/// Open loop: `rate` requests/s spread over `conns` connections, sent on a
+/// fixed schedule whatever the responses do (a separate reader per
+/// connection), so slow responses cannot slow the senders down. Latency is
+/// measured from the moment each request was written (tokio's 1 ms timer
+/// granularity would otherwise be counted as server latency); a server that
+/// cannot keep up shows as an achieved rate below the target.
 async fn open_loop(
     url: &str,
     id: Option<&Identity>,
@@ -385,14 +407,21 @@ async fn open_loop(
             let (s2, d2) = (sent.clone(), done.clone());
             let reader = tokio::spawn(async move {
                 let mut h = hist();
-                while let Some(Ok(m)) = rx.next().await {
-                    let Message::Text(t) = m else { continue };
-                    let now = Instant::now();
-                    if let Some(rid) = request_id(t.as_str()) {
-                        let t0 = s2.lock().unwrap().remove(rid);
-                        if let Some(t0) = t0 {
-                            h.saturating_record(now.duration_since(t0).as_micros() as u64);
+                let mut check = tokio::time::interval(Duration::from_millis(10));
+                loop {
+                    tokio::select! {
+                        m = rx.next() => {
+                            let Some(Ok(m)) = m else { break };
+                            let Message::Text(t) = m else { continue };
+                            let now = Instant::now();
+                            if let Some(rid) = request_id(t.as_str()) {
+                                let t0 = s2.lock().unwrap().remove(rid);
+                                if let Some(t0) = t0 {
+                                    h.saturating_record(now.duration_since(t0).as_micros() as u64);
+                                }
+                            }
                         }
+                        _ = check.tick() => {}
                     }
                     if d2.load(Ordering::Relaxed) && s2.lock().unwrap().is_empty() {
                         break;
@@ -558,7 +587,8 @@ pub async fn run(
 ) -> Result<std::process::ExitCode> {
     let _ = rlimit::increase_nofile_limit(u64::MAX);
     let target = start_target(&args, state, ca).await?;
-    let echo = start_echo()?;
+    let echo_proc = start_echo()?;
+    let echo = echo_proc.url.clone();
     let dur = Duration::from_secs(args.duration_secs);
     let want =
         |s: &str| args.scenarios == "all" || args.scenarios.split(',').any(|x| x.trim() == s);
@@ -629,5 +659,6 @@ pub async fn run(
         }
     }
     drop(target);
+    drop(echo_proc);
     Ok(std::process::ExitCode::SUCCESS)
 }

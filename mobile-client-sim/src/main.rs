@@ -82,6 +82,12 @@ enum Cmd {
     },
     /// Load generator and benchmark (see README: Performance).
     Bench(bench::BenchArgs),
+    /// A bare WebSocket echo server: the bench's baseline (started by `bench`).
+    #[command(hide = true)]
+    EchoServer {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -179,6 +185,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Cmd::Bench(args) => bench::run(args, &cli.state, cli.ca.clone()).await,
+        Cmd::EchoServer { listen } => {
+            tokio::task::spawn_blocking(move || bench::serve_echo(&listen)).await??;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
