@@ -25,6 +25,7 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 
 use crate::auth::handshake::{self, Authenticated, Issued};
 use crate::protocol::frames;
+use crate::protocol::inbound::{self, Inbound};
 use crate::protocol::{ApiError, ErrorCode, close};
 use crate::rpc::{Caller, Registry};
 use crate::sessions::{OUTBOX_CAPACITY, Outbound, SessionHandle};
@@ -430,152 +431,56 @@ impl Session {
     }
 
     async fn on_text(&self, text: &str) {
-        let v: Value = match serde_json::from_str(text) {
-            Ok(v) => v,
-            Err(e) => {
-                return self
-                    .send(frames::error(
-                        ErrorCode::InvalidJson,
-                        &format!("not JSON: {e}"),
-                    ))
-                    .await;
-            }
-        };
-        let obj = match v {
-            Value::Object(o) => o,
-            Value::Array(_) => {
-                let msg = "JSON-RPC batches are not supported: send one request per frame";
-                return self.send(frames::jsonrpc_invalid(&Value::Null, msg)).await;
-            }
-            _ => {
-                return self
-                    .send(frames::error(
-                        ErrorCode::InvalidRequest,
-                        "a frame must be a JSON object",
-                    ))
-                    .await;
-            }
-        };
-        if obj.contains_key("jsonrpc") {
-            return self.on_jsonrpc(obj).await;
-        }
-        match obj.get("type").and_then(Value::as_str) {
-            Some("admin") => self.on_admin(obj).await,
-            Some("approval_response") => {
-                let reply = crate::approvals::on_response(&self.state, &self.handle, &obj).await;
-                if let Some(r) = reply {
-                    self.send(r).await;
-                }
-            }
-            Some(other) => {
-                let msg = format!(
-                    "unknown frame type {:?}",
-                    other.chars().take(64).collect::<String>()
-                );
-                self.send(frames::error(ErrorCode::InvalidRequest, &msg))
+        match inbound::decode(text) {
+            Inbound::Admin {
+                request_id,
+                action,
+                params,
+            } => {
+                self.spawn_call(false, request_id, Value::Null, action, params)
                     .await
             }
-            None => {
-                self.send(frames::error(
-                    ErrorCode::InvalidRequest,
-                    "missing or non-string field `type`",
-                ))
-                .await
+            Inbound::JsonRpc {
+                id,
+                key,
+                method,
+                params,
+            } => self.spawn_call(true, key, id, method, params).await,
+            Inbound::Notification => {}
+            Inbound::ApprovalResponse(obj) => {
+                if let Some(reply) =
+                    crate::approvals::on_response(&self.state, &self.handle, &obj).await
+                {
+                    self.send(reply).await;
+                }
             }
+            Inbound::Reply(frame) => self.send(frame).await,
         }
     }
 
-    async fn on_admin(&self, mut obj: Map<String, Value>) {
-        let rid = match obj.get("request_id") {
-            Some(Value::String(s)) if !s.is_empty() && s.chars().count() <= 128 => s.clone(),
-            _ => {
-                let msg = "`request_id` must be a string of 1 to 128 characters";
-                return self
-                    .send(frames::error(ErrorCode::InvalidRequest, msg))
-                    .await;
+    /// Runs a call concurrently; its one response goes out when it completes.
+    /// `key` is the in-flight key (request_id, or the JSON-RPC id as a string).
+    async fn spawn_call(
+        &self,
+        jsonrpc: bool,
+        key: String,
+        id: Value,
+        action: String,
+        params: Map<String, Value>,
+    ) {
+        let respond = move |out: Result<Box<serde_json::value::RawValue>, ApiError>,
+                            key: &str,
+                            id: &Value| match (jsonrpc, out) {
+            (false, Ok(raw)) => frames::admin_response_raw(key, &raw),
+            (false, Err(e)) => frames::admin_error(key, &e),
+            (true, Ok(raw)) => {
+                serde_json::json!({"jsonrpc": "2.0", "id": id, "result": raw}).to_string()
             }
+            (true, Err(e)) => frames::jsonrpc_error(id, &e),
         };
-        let mut payload = match obj.remove("payload") {
-            Some(Value::Object(p)) => p,
-            _ => {
-                return self
-                    .send(frames::admin_error(
-                        &rid,
-                        &ApiError::invalid("`payload` must be an object"),
-                    ))
-                    .await;
-            }
-        };
-        let action = match payload.remove("action") {
-            Some(Value::String(a)) => a,
-            _ => {
-                let err = ApiError::invalid("`payload.action` must be a string");
-                return self.send(frames::admin_error(&rid, &err)).await;
-            }
-        };
-        if let Err(code) = self.inflight.try_insert(false, &rid, self.max_in_flight) {
+        if let Err(code) = self.inflight.try_insert(jsonrpc, &key, self.max_in_flight) {
             return self
-                .send(frames::admin_error(
-                    &rid,
-                    &refusal(code, self.max_in_flight),
-                ))
-                .await;
-        }
-        let caller = self.caller(&rid);
-        let (state, registry, tx, inflight, handle) = (
-            self.state.clone(),
-            self.registry.clone(),
-            self.tx.clone(),
-            self.inflight.clone(),
-            self.handle.clone(),
-        );
-        self.state.tasks.spawn(async move {
-            let out = registry.call(&state, &action, payload, caller).await;
-            let frame = match out {
-                Ok(raw) => frames::admin_response_raw(&rid, &raw),
-                Err(e) => frames::admin_error(&rid, &e),
-            };
-            deliver(&tx, &handle, frame).await;
-            inflight.remove(false, &rid);
-        });
-    }
-
-    async fn on_jsonrpc(&self, mut obj: Map<String, Value>) {
-        let id = obj.remove("id");
-        let well_formed_id = matches!(
-            id,
-            None | Some(Value::String(_) | Value::Number(_) | Value::Null)
-        );
-        let reply_id = if well_formed_id {
-            id.clone().unwrap_or(Value::Null)
-        } else {
-            Value::Null
-        };
-        let version_ok = obj.get("jsonrpc").and_then(Value::as_str) == Some("2.0");
-        let method = obj.remove("method");
-        let (true, true, Some(Value::String(method))) = (well_formed_id, version_ok, method) else {
-            let msg = "malformed JSON-RPC 2.0 request: needs \"jsonrpc\":\"2.0\", a string `method` and a string, number or null `id`";
-            return self.send(frames::jsonrpc_invalid(&reply_id, msg)).await;
-        };
-        let Some(id) = id else { return }; // a notification: not executed, no reply
-        let params = match obj.remove("params") {
-            None | Some(Value::Null) => Map::new(),
-            Some(Value::Object(p)) => p,
-            Some(_) => {
-                let err = ApiError::invalid("params must be an object of named params");
-                return self.send(frames::jsonrpc_error(&id, &err)).await;
-            }
-        };
-        let key = match &id {
-            Value::String(s) => s.clone(),
-            other => other.to_string(),
-        };
-        if let Err(code) = self.inflight.try_insert(true, &key, self.max_in_flight) {
-            return self
-                .send(frames::jsonrpc_error(
-                    &id,
-                    &refusal(code, self.max_in_flight),
-                ))
+                .send(respond(Err(refusal(code, self.max_in_flight)), &key, &id))
                 .await;
         }
         let caller = self.caller(&key);
@@ -587,15 +492,9 @@ impl Session {
             self.handle.clone(),
         );
         self.state.tasks.spawn(async move {
-            let out = registry.call(&state, &method, params, caller).await;
-            let frame = match out {
-                Ok(raw) => {
-                    serde_json::json!({"jsonrpc": "2.0", "id": id, "result": raw}).to_string()
-                }
-                Err(e) => frames::jsonrpc_error(&id, &e),
-            };
-            deliver(&tx, &handle, frame).await;
-            inflight.remove(true, &key);
+            let out = registry.call(&state, &action, params, caller).await;
+            deliver(&tx, &handle, respond(out, &key, &id)).await;
+            inflight.remove(jsonrpc, &key);
         });
     }
 

@@ -5,5 +5,6 @@
 
 pub mod codes;
 pub mod frames;
+pub mod inbound;
 
 pub use codes::{ApiError, AuthErrorCode, ErrorCode, close};
