@@ -53,6 +53,27 @@ pub fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Removes temp files a crash left between write and rename (only ours:
+/// `.config.toml.*.tmp`). The config itself is always the old or the new file.
+pub fn remove_stale_temp_files(dir: &Path) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if name.starts_with(".config.toml.") && name.ends_with(".tmp") {
+            match std::fs::remove_file(e.path()) {
+                Ok(()) => {
+                    tracing::info!(file = %name, "removed a temp file left by an interrupted config write")
+                }
+                Err(err) => {
+                    tracing::warn!(file = %name, error = %err, "cannot remove a stale temp file")
+                }
+            }
+        }
+    }
+}
+
 fn to_toml(v: &Value) -> Option<toml_edit::Value> {
     Some(match v {
         Value::Bool(b) => (*b).into(),

@@ -6,6 +6,7 @@
 //! through the call's `Extensions`, and every call is audited here, so no
 //! handler has to remember to.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 
@@ -65,14 +66,39 @@ pub fn parse_params<P: DeserializeOwned>(raw: Option<&str>) -> Result<P, ApiErro
         .map_err(|e| ApiError::invalid(format!("invalid params: {e}")))
 }
 
+/// Checks that raw params parse as an action's params type.
+pub type ParamsCheck = fn(Option<&str>) -> Result<(), ApiError>;
+
+/// Collects actions: the jsonrpsee module, and a params check per action
+/// (for `Registry::check_params`, which the fuzz targets drive).
+pub struct Actions {
+    pub(crate) module: RpcModule<AppState>,
+    pub(crate) checks: HashMap<&'static str, ParamsCheck>,
+}
+
+impl Actions {
+    pub fn new(state: Arc<AppState>) -> Actions {
+        Actions {
+            module: RpcModule::from_arc(state),
+            checks: HashMap::new(),
+        }
+    }
+    pub(crate) fn add_check<P: DeserializeOwned>(&mut self, name: &'static str) {
+        self.checks
+            .insert(name, |raw| parse_params::<P>(raw).map(|_| ()));
+    }
+}
+
 /// Registers an action: `f(state, caller, params)`.
-pub fn register<P, F, Fut>(module: &mut RpcModule<AppState>, name: &'static str, f: F)
+pub fn register<P, F, Fut>(actions: &mut Actions, name: &'static str, f: F)
 where
     P: DeserializeOwned + Send + 'static,
     F: Fn(Arc<AppState>, Caller, P) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = ActionResult> + Send + 'static,
 {
-    module
+    actions.add_check::<P>(name);
+    actions
+        .module
         .register_async_method(
             name,
             move |params: Params<'static>, state: Arc<AppState>, ext: Extensions| {
@@ -94,6 +120,7 @@ where
 #[derive(Clone)]
 pub struct Registry {
     methods: Methods,
+    checks: Arc<HashMap<&'static str, ParamsCheck>>,
 }
 
 #[derive(Deserialize)]
@@ -104,9 +131,21 @@ struct RawOutput<'a> {
 }
 
 impl Registry {
-    pub fn new(module: RpcModule<AppState>) -> Registry {
+    pub fn new(actions: Actions) -> Registry {
         Registry {
-            methods: module.into(),
+            methods: actions.module.into(),
+            checks: Arc::new(actions.checks),
+        }
+    }
+
+    /// Parses `raw` params as `action`'s params type, without running it.
+    pub fn check_params(&self, action: &str, raw: Option<&str>) -> Result<(), ApiError> {
+        match self.checks.get(action) {
+            Some(check) => check(raw),
+            None => Err(ApiError::new(
+                ErrorCode::UnknownAction,
+                format!("unknown action {action:?}"),
+            )),
         }
     }
 
@@ -176,7 +215,7 @@ impl Registry {
 
 /// Builds the registry from every domain's module.
 pub fn build(state: Arc<AppState>) -> Registry {
-    let mut module = RpcModule::from_arc(state);
-    crate::handlers::register_all(&mut module);
-    Registry::new(module)
+    let mut actions = Actions::new(state);
+    crate::handlers::register_all(&mut actions);
+    Registry::new(actions)
 }

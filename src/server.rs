@@ -107,6 +107,7 @@ pub fn prepare_data_dir(dir: &DataDir) -> Result<(), StartError> {
     mk(dir.root.clone())?;
     mk(dir.plugins())?;
     mk(dir.skills())?;
+    crate::config_file::remove_stale_temp_files(&dir.root);
     let cfg = dir.config();
     if !cfg.exists() {
         std::fs::write(&cfg, DEFAULT_CONFIG_TOML).map_err(|source| StartError::DataDir {
@@ -286,4 +287,15 @@ async fn watch_revocations(state: Arc<AppState>) {
             Err(e) => tracing::error!(error = %e, "revocation check failed"),
         }
     }
+}
+
+/// The server's state on `dir` without a listener: for the fuzz targets and
+/// tools that drive the registry directly. Must run inside a tokio runtime.
+pub fn test_state(dir: &std::path::Path) -> Arc<AppState> {
+    let dir = DataDir::new(dir);
+    prepare_data_dir(&dir).expect("data dir");
+    let config = Config::load(&dir.config()).expect("config");
+    let db = Db::open(&dir.db()).expect("database");
+    let key = ServerKey::load_or_create(&dir.server_key()).expect("server key");
+    Arc::new(AppState::new(dir, config, db, key))
 }

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 
-use jsonrpsee_core::server::{Extensions, RpcModule};
+use jsonrpsee_core::server::Extensions;
 use jsonrpsee_types::Params;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
@@ -137,7 +137,7 @@ impl Approvals {
 /// Registers a gated action. `prepare` validates (and may refuse) before
 /// any phone is asked; `run` executes after approval.
 pub fn register_gated<P, Prep, PrepFut, Run, RunFut>(
-    module: &mut RpcModule<AppState>,
+    actions: &mut crate::rpc::Actions,
     name: &'static str,
     prepare: Prep,
     run: Run,
@@ -148,7 +148,9 @@ pub fn register_gated<P, Prep, PrepFut, Run, RunFut>(
     Run: Fn(Arc<AppState>, Approved<P>) -> RunFut + Clone + Send + Sync + 'static,
     RunFut: Future<Output = ActionResult> + Send + 'static,
 {
-    module
+    actions.add_check::<P>(name);
+    actions
+        .module
         .register_async_method(
             name,
             move |params: Params<'static>, state: Arc<AppState>, ext: Extensions| {

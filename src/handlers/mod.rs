@@ -9,13 +9,10 @@ pub mod devices;
 pub mod plugins;
 pub mod skills;
 
-use jsonrpsee_core::server::RpcModule;
-
 use crate::approvals::register_gated;
-use crate::rpc::register;
-use crate::state::AppState;
+use crate::rpc::{Actions, register};
 
-pub fn register_all(m: &mut RpcModule<AppState>) {
+pub fn register_all(m: &mut Actions) {
     register(m, "get_dashboard", dashboard::get_dashboard);
     register(m, "get_config", config::get_config);
     register(m, "list_devices", devices::list_devices);
