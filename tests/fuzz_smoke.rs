@@ -25,14 +25,38 @@ fn random_value(rng: &mut StdRng, depth: u32) -> Value {
         3 => json!(rng.r#gen::<f64>() * 1e6),
         4 => {
             let n = rng.gen_range(0..40);
-            json!((0..n).map(|_| rng.gen_range(0x20u8..0x7f) as char).collect::<String>())
+            json!(
+                (0..n)
+                    .map(|_| rng.gen_range(0x20u8..0x7f) as char)
+                    .collect::<String>()
+            )
         }
-        5 => Value::Array((0..rng.gen_range(0..4)).map(|_| random_value(rng, depth + 1)).collect()),
+        5 => Value::Array(
+            (0..rng.gen_range(0..4))
+                .map(|_| random_value(rng, depth + 1))
+                .collect(),
+        ),
         _ => {
-            let keys = ["name", "enabled", "id", "section", "value", "device_id", "page", "per_page", "query", "limit", "model", "x"];
+            let keys = [
+                "name",
+                "enabled",
+                "id",
+                "section",
+                "value",
+                "device_id",
+                "page",
+                "per_page",
+                "query",
+                "limit",
+                "model",
+                "x",
+            ];
             let mut m = serde_json::Map::new();
             for _ in 0..rng.gen_range(0..5) {
-                m.insert(keys[rng.gen_range(0..keys.len())].to_string(), random_value(rng, depth + 1));
+                m.insert(
+                    keys[rng.gen_range(0..keys.len())].to_string(),
+                    random_value(rng, depth + 1),
+                );
             }
             Value::Object(m)
         }
@@ -64,13 +88,20 @@ fn decoder_survives_mutated_frames() {
     let mut runs = 0;
     for round in 0..60_000 {
         let seed = SEEDS[round % SEEDS.len()];
-        let input = if round % 3 == 0 { random_value(&mut rng, 0).to_string() } else { mutate(&mut rng, seed) };
+        let input = if round % 3 == 0 {
+            random_value(&mut rng, 0).to_string()
+        } else {
+            mutate(&mut rng, seed)
+        };
         match decode(&input) {
             Inbound::Reply(frame) => {
-                let v: Value = serde_json::from_str(&frame).unwrap_or_else(|e| panic!("reply to {input:?} is not JSON: {e}"));
+                let v: Value = serde_json::from_str(&frame)
+                    .unwrap_or_else(|e| panic!("reply to {input:?} is not JSON: {e}"));
                 assert!(v.get("type").is_some() || v.get("jsonrpc").is_some());
             }
-            Inbound::Admin { request_id, .. } => assert!((1..=128).contains(&request_id.chars().count())),
+            Inbound::Admin { request_id, .. } => {
+                assert!((1..=128).contains(&request_id.chars().count()))
+            }
             _ => {}
         }
         runs += 1;
@@ -89,12 +120,25 @@ async fn params_parsing_of_every_action_survives_random_params() {
     let mut accepted = 0;
     for i in 0..40_000 {
         let action = names[i % names.len()];
-        let params = if rng.gen_range(0..4) == 0 { mutate(&mut rng, "{\"name\":\"x\",\"enabled\":true}") } else { random_value(&mut rng, 0).to_string() };
+        let params = if rng.gen_range(0..4) == 0 {
+            mutate(&mut rng, "{\"name\":\"x\",\"enabled\":true}")
+        } else {
+            random_value(&mut rng, 0).to_string()
+        };
         match registry.check_params(action, Some(&params)) {
             Ok(()) => accepted += 1,
             Err(e) => assert_eq!(e.code, ErrorCode::InvalidRequest, "{action} {params}: {e}"),
         }
     }
-    assert!(accepted > 0, "some random params are valid (e.g. {{}} for list actions)");
-    assert_eq!(registry.check_params("no_such_action", None).unwrap_err().code, ErrorCode::UnknownAction);
+    assert!(
+        accepted > 0,
+        "some random params are valid (e.g. {{}} for list actions)"
+    );
+    assert_eq!(
+        registry
+            .check_params("no_such_action", None)
+            .unwrap_err()
+            .code,
+        ErrorCode::UnknownAction
+    );
 }

@@ -39,7 +39,8 @@ pub struct BenchArgs {
     /// Seconds per measured scenario.
     #[arg(long, default_value_t = 5)]
     duration_secs: u64,
-    /// Scenarios to run (comma-separated): rtt1, c50k1, c50k32, handshakes, open10k, idle10k, or all.
+    /// Scenarios to run (comma-separated): rtt1, c50k1, c50k32, handshakes, open10k, idle10k, or all;
+    /// `soak` (not part of all) runs --mix at --open-rate for --duration-secs.
     #[arg(long, default_value = "all")]
     scenarios: String,
     /// The action measured for round trips.
@@ -54,6 +55,15 @@ pub struct BenchArgs {
     /// Print one JSON object per scenario instead of a table.
     #[arg(long)]
     json: bool,
+    /// Soak: seconds between reports (RSS, rate, p99 of the interval).
+    #[arg(long, default_value_t = 60)]
+    report_secs: u64,
+    /// Soak: the actions mixed round-robin (comma-separated).
+    #[arg(
+        long,
+        default_value = "get_dashboard,list_devices,list_plugins,list_skills,get_config,list_approvals"
+    )]
+    mix: String,
 }
 
 /// A started server process and how to reach it.
@@ -505,6 +515,111 @@ async fn handshakes(
     Ok(Measure::from(&h, secs, 0))
 }
 
+/// Soak: `rate` requests/s of mixed actions over 50 connections for `dur`,
+/// reporting each `every`: achieved rate, p50/p99 of the interval, server RSS.
+/// A flat RSS and p99 across reports is a pass.
+async fn soak(
+    url: &str,
+    id: &Identity,
+    actions: Vec<String>,
+    rate: u64,
+    dur: Duration,
+    every: Duration,
+    pid: Option<u32>,
+    json_out: bool,
+) -> Result<()> {
+    let conns = 50;
+    let mut sockets = Vec::with_capacity(conns);
+    for _ in 0..conns {
+        sockets.push(open(url, Some(id)).await?);
+    }
+    let window = Arc::new(std::sync::Mutex::new(hist()));
+    let errors = Arc::new(AtomicU64::new(0));
+    let interval = Duration::from_secs_f64(conns as f64 / rate.max(1) as f64);
+    let end = tokio::time::Instant::now() + dur;
+    let actions = Arc::new(actions);
+    let mut tasks = Vec::new();
+    for (ci, ws) in sockets.into_iter().enumerate() {
+        let (window, errors, actions) = (window.clone(), errors.clone(), actions.clone());
+        tasks.push(tokio::spawn(async move {
+            let (mut tx, mut rx) = ws.split();
+            let sent: Arc<std::sync::Mutex<HashMap<String, Instant>>> = Arc::default();
+            let s2 = sent.clone();
+            let reader = tokio::spawn(async move {
+                while let Some(Ok(m)) = rx.next().await {
+                    let Message::Text(t) = m else { continue };
+                    if t.as_str().contains(r#""result":"error""#) {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if let Some(rid) = request_id(t.as_str()) {
+                        let t0 = s2.lock().unwrap().remove(rid);
+                        if let Some(t0) = t0 {
+                            window
+                                .lock()
+                                .unwrap()
+                                .saturating_record(t0.elapsed().as_micros() as u64);
+                        }
+                    }
+                }
+            });
+            // Staggered, so the 50 connections do not fire in one burst.
+            let first = tokio::time::Instant::now() + interval.mul_f64(ci as f64 / conns as f64);
+            let mut ticker = tokio::time::interval_at(first, interval);
+            let mut seq = 0u64;
+            while ticker.tick().await < end {
+                seq += 1;
+                let rid = format!("s{ci}-{seq}");
+                let action = &actions[(seq as usize + ci) % actions.len()];
+                sent.lock().unwrap().insert(rid.clone(), Instant::now());
+                if tx.send(Message::text(frame(action, &rid))).await.is_err() {
+                    break;
+                }
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                while !sent.lock().unwrap().is_empty() {
+                    tokio::time::sleep(Duration::from_millis(10)).await
+                }
+            })
+            .await;
+            let _ = tx.send(Message::Close(None)).await;
+            reader.abort();
+        }));
+    }
+    let start = Instant::now();
+    let mut report = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    let mut n = 0;
+    while tokio::time::Instant::now() < end {
+        report.tick().await;
+        n += 1;
+        let h = std::mem::replace(&mut *window.lock().unwrap(), hist());
+        let rss = pid.and_then(rss_kib).map(|k| k as f64 / 1024.0);
+        let (rps, p50, p99) = (
+            h.len() as f64 / every.as_secs_f64(),
+            h.value_at_quantile(0.5),
+            h.value_at_quantile(0.99),
+        );
+        let errs = errors.swap(0, Ordering::Relaxed);
+        if json_out {
+            println!(
+                "{}",
+                json!({"scenario": "soak", "report": n, "elapsed_secs": start.elapsed().as_secs(), "rps": rps, "p50_us": p50, "p99_us": p99, "errors": errs, "server_rss_mb": rss})
+            );
+        } else {
+            let rss = rss
+                .map(|m| format!("{m:.1} MB"))
+                .unwrap_or_else(|| "n/a".into());
+            println!(
+                "soak {:>5} s: {rps:>8.0} req/s  p50 {p50:>6} µs  p99 {p99:>6} µs  errors {errs}  server RSS {rss}",
+                start.elapsed().as_secs()
+            );
+        }
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    Ok(())
+}
+
 fn rss_kib(pid: u32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     s.lines()
@@ -632,6 +747,25 @@ pub async fn run(
         let s = handshakes(&target.url, id, 8, dur).await?;
         let e = handshakes(&echo, None, 8, dur).await?;
         row(args.json, "full handshakes (8 workers)", &s, &e);
+    }
+    if args.scenarios.split(',').any(|x| x.trim() == "soak") {
+        let mix = args
+            .mix
+            .split(',')
+            .map(|a| a.trim().to_string())
+            .filter(|a| !a.is_empty())
+            .collect();
+        soak(
+            &target.url,
+            &target.identity,
+            mix,
+            args.open_rate,
+            dur,
+            Duration::from_secs(args.report_secs),
+            target.pid,
+            args.json,
+        )
+        .await?;
     }
     if want("idle10k") {
         let (before, after, n, secs) = idle_sessions(
