@@ -1,7 +1,7 @@
 //! Live authenticated sessions: who is connected, and a bounded outbox to
 //! reach each one (events, approval requests, forced close).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU16, Ordering};
@@ -69,29 +69,52 @@ impl SessionHandle {
 }
 
 #[derive(Debug, Default)]
+struct Inner {
+    by_id: HashMap<Arc<str>, Arc<SessionHandle>>,
+    /// Live sessions per device, so `connected_devices` is O(1).
+    per_device: HashMap<Arc<str>, usize>,
+}
+
+#[derive(Debug, Default)]
 pub struct Sessions {
-    map: Mutex<HashMap<Arc<str>, Arc<SessionHandle>>>,
+    map: Mutex<Inner>,
 }
 
 impl Sessions {
     pub fn insert(&self, h: Arc<SessionHandle>) {
-        self.lock().insert(h.session_id.clone(), h);
+        let mut g = self.lock();
+        *g.per_device.entry(h.device_id.clone()).or_default() += 1;
+        if let Some(old) = g.by_id.insert(h.session_id.clone(), h) {
+            Self::forget_device(&mut g, &old.device_id);
+        }
     }
 
     pub fn remove(&self, session_id: &str) {
-        self.lock().remove(session_id);
+        let mut g = self.lock();
+        if let Some(old) = g.by_id.remove(session_id) {
+            Self::forget_device(&mut g, &old.device_id);
+        }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Arc<SessionHandle>>> {
+    fn forget_device(g: &mut Inner, device_id: &Arc<str>) {
+        if let Some(n) = g.per_device.get_mut(device_id) {
+            *n -= 1;
+            if *n == 0 {
+                g.per_device.remove(device_id);
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn all(&self) -> Vec<Arc<SessionHandle>> {
-        self.lock().values().cloned().collect()
+        self.lock().by_id.values().cloned().collect()
     }
 
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().by_id.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -100,19 +123,14 @@ impl Sessions {
 
     /// Distinct devices with a live session.
     pub fn connected_devices(&self) -> usize {
-        self.lock()
-            .values()
-            .map(|h| h.device_id.clone())
-            .collect::<HashSet<_>>()
-            .len()
+        self.lock().per_device.len()
     }
 
     pub fn device_ids(&self) -> Vec<String> {
         self.lock()
-            .values()
-            .map(|h| h.device_id.to_string())
-            .collect::<HashSet<_>>()
-            .into_iter()
+            .per_device
+            .keys()
+            .map(|d| d.to_string())
             .collect()
     }
 
@@ -127,6 +145,7 @@ impl Sessions {
     pub fn close_device(&self, device_id: &str, code: u16) -> usize {
         let hs: Vec<_> = self
             .lock()
+            .by_id
             .values()
             .filter(|h| &*h.device_id == device_id)
             .cloned()
@@ -138,6 +157,32 @@ impl Sessions {
     }
 
     pub fn get(&self, session_id: &str) -> Option<Arc<SessionHandle>> {
-        self.lock().get(session_id).cloned()
+        self.lock().by_id.get(session_id).cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn handle(session: &str, device: &str) -> Arc<SessionHandle> {
+        let (tx, _rx) = mpsc::channel(1);
+        Arc::new(SessionHandle::new(session.into(), device.into(), tx))
+    }
+
+    #[test]
+    fn connected_devices_counts_distinct_devices() {
+        let s = Sessions::default();
+        s.insert(handle("s1", "a"));
+        s.insert(handle("s2", "a"));
+        s.insert(handle("s3", "b"));
+        assert_eq!((s.len(), s.connected_devices()), (3, 2));
+        s.remove("s1");
+        assert_eq!(s.connected_devices(), 2);
+        s.remove("s2");
+        assert_eq!(s.connected_devices(), 1);
+        s.remove("s2");
+        assert_eq!((s.len(), s.connected_devices()), (1, 1));
+        assert_eq!(s.device_ids(), vec!["b".to_string()]);
     }
 }

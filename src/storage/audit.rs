@@ -10,7 +10,7 @@ use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use rusqlite::{OptionalExtension, params};
-use serde_json::{Map, Value, json};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
@@ -63,6 +63,44 @@ fn record_hash(prev_hash: &str, record_without_hash: &Value) -> String {
     h.update(b"\n");
     h.update(canon.as_bytes());
     hex::encode(h.finalize())
+}
+
+fn json_str(s: &str) -> String {
+    serde_json::to_string(s).expect("a string serialises")
+}
+
+/// The JCS (RFC 8785) form of a record without `hash`, and its hash, built
+/// directly: the keys are fixed ASCII names (so sorted order is plain
+/// lexicographic), values are strings, null or an integer, and serde_json's
+/// string escaping is JCS's. `tests::canonical_record_is_jcs` checks this
+/// against `serde_jcs` on hostile inputs; `verify` uses `serde_jcs` itself.
+fn canonical_record(e: &AuditEntry, seq: u64, prev: &str) -> (String, String) {
+    let opt = |v: &Option<String>| v.as_deref().map(json_str).unwrap_or_else(|| "null".into());
+    let mut s = String::with_capacity(320);
+    s.push_str("{\"action\":");
+    s.push_str(&json_str(&e.action));
+    if let Some(a) = &e.approval_id {
+        s.push_str(",\"approval_id\":");
+        s.push_str(&json_str(a));
+    }
+    s.push_str(",\"device_id\":");
+    s.push_str(&opt(&e.device_id));
+    s.push_str(",\"outcome\":");
+    s.push_str(&json_str(&e.outcome));
+    s.push_str(",\"params_digest\":");
+    s.push_str(&opt(&e.params_digest));
+    s.push_str(",\"prev_hash\":");
+    s.push_str(&json_str(prev));
+    s.push_str(",\"seq\":");
+    s.push_str(&seq.to_string());
+    s.push_str(",\"ts\":");
+    s.push_str(&json_str(&rfc3339_ms(e.ts_ms)));
+    s.push('}');
+    let mut h = Sha256::new();
+    h.update(prev.as_bytes());
+    h.update(b"\n");
+    h.update(s.as_bytes());
+    (s, hex::encode(h.finalize()))
 }
 
 /// Appends records to the chain in one directory.
@@ -125,21 +163,16 @@ impl ChainWriter {
         let mut buf = String::new();
         for e in entries {
             seq += 1;
-            let mut rec = Map::new();
-            rec.insert("seq".into(), json!(seq));
-            rec.insert("ts".into(), json!(rfc3339_ms(e.ts_ms)));
-            rec.insert("device_id".into(), json!(e.device_id));
-            rec.insert("action".into(), json!(e.action));
-            rec.insert("params_digest".into(), json!(e.params_digest));
-            rec.insert("outcome".into(), json!(e.outcome));
-            if let Some(a) = &e.approval_id {
-                rec.insert("approval_id".into(), json!(a));
-            }
-            rec.insert("prev_hash".into(), json!(prev));
-            let mut v = Value::Object(rec);
-            let hash = record_hash(&prev, &v);
-            v["hash"] = json!(hash);
-            buf.push_str(&serde_jcs::to_string(&v).unwrap_or_default());
+            let (without_hash, hash) = canonical_record(e, seq, &prev);
+            // The line is the canonical record with `hash` in its sorted place.
+            let at = without_hash
+                .find(",\"outcome\":")
+                .expect("outcome is always present");
+            buf.push_str(&without_hash[..at]);
+            buf.push_str(",\"hash\":\"");
+            buf.push_str(&hash);
+            buf.push('"');
+            buf.push_str(&without_hash[at..]);
             buf.push('\n');
             prev = hash;
         }
@@ -389,4 +422,65 @@ pub fn verify(dir: &Path, db: &Db) -> Result<VerifyReport, String> {
         records: seq,
         files: files.len(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn entry(action: &str, device: Option<&str>, approval: Option<&str>) -> AuditEntry {
+        AuditEntry {
+            ts_ms: 1_764_000_000_123,
+            device_id: device.map(String::from),
+            action: action.into(),
+            params_digest: Some("ab".repeat(32)),
+            outcome: "ok".into(),
+            approval_id: approval.map(String::from),
+        }
+    }
+
+    #[test]
+    fn canonical_record_is_jcs() {
+        let hostile = [
+            "plain",
+            "quote\" and \\ back",
+            "ctl \u{1}\u{1f}\n\t\r\u{8}\u{c}",
+            "ünïcødé €𝄞",
+            "</script>",
+            "",
+        ];
+        for (i, a) in hostile.iter().enumerate() {
+            for (device, approval) in [
+                (None, None),
+                (Some("d\u{7f}ev"), Some("apr_1")),
+                (Some("x"), None),
+            ] {
+                let e = entry(a, device, approval);
+                let (fast, hash) = canonical_record(&e, i as u64 + 1, ZERO_HASH);
+                let mut v = json!({"seq": i + 1, "ts": rfc3339_ms(e.ts_ms), "device_id": e.device_id, "action": e.action,
+                                   "params_digest": e.params_digest, "outcome": e.outcome, "prev_hash": ZERO_HASH});
+                if let Some(a) = &e.approval_id {
+                    v["approval_id"] = json!(a);
+                }
+                assert_eq!(fast, serde_jcs::to_string(&v).unwrap(), "record {a:?}");
+                assert_eq!(hash, record_hash(ZERO_HASH, &v));
+            }
+        }
+    }
+
+    #[test]
+    fn written_lines_verify() {
+        let d = tempfile::tempdir().unwrap();
+        let db = Db::open(&d.path().join("agent.db")).unwrap();
+        let mut w = ChainWriter::new(d.path().join("audit"), db.clone());
+        w.append(&[
+            entry("a\"b", Some("dev"), Some("apr_x")),
+            entry("ünï", None, None),
+        ])
+        .unwrap();
+        w.append(&[entry("c", None, None)]).unwrap();
+        let r = verify(&d.path().join("audit"), &db).unwrap();
+        assert_eq!(r.records, 3);
+    }
 }
