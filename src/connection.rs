@@ -46,6 +46,9 @@ const MAX_HTTP_HEAD: usize = 16 * 1024;
 const OUTBOX_SEND_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long shutdown waits for a session's in-flight requests.
 const DRAIN_ON_SHUTDOWN: Duration = Duration::from_secs(10);
+/// Per-connection socket buffers (see `upgrade`).
+const READ_BUFFER: usize = 1024;
+const WRITE_BUFFER: usize = 4 * 1024;
 /// `retry_after_ms` suggested with `busy`.
 const BUSY_RETRY_MS: u64 = 50;
 
@@ -54,7 +57,9 @@ pub async fn serve(state: Arc<AppState>, registry: Registry, io: BoxIo, peer: So
     let cfg = state.config();
     let auth_deadline = Instant::now() + Duration::from_secs(cfg.server.auth_timeout_secs);
     let upgraded = tokio::select! {
-        r = timeout_at(auth_deadline, upgrade(io, cfg.server.max_frame_bytes)) => r,
+        // Boxed: a pending future's state lives in the connection task for its
+        // whole life, and the upgrade/handshake states are only needed briefly.
+        r = Box::pin(timeout_at(auth_deadline, upgrade(io, cfg.server.max_frame_bytes))) => r,
         _ = state.shutdown.cancelled() => return,
     };
     let Some(Ok(ws)) = upgraded else { return };
@@ -76,7 +81,7 @@ pub async fn serve(state: Arc<AppState>, registry: Registry, io: BoxIo, peer: So
         .await;
 
     let authed = tokio::select! {
-        r = handshake_phase(&state, &issued, peer, &mut stream, &tx, &mut closer) => r,
+        r = Box::pin(handshake_phase(&state, &issued, peer, &mut stream, &tx, &mut closer)) => r,
         _ = tokio::time::sleep_until(auth_deadline) => {
             closer.close(close::AUTH_TIMEOUT, "authentication timeout");
             None
@@ -188,7 +193,11 @@ async fn upgrade(mut io: BoxIo, max_frame_bytes: usize) -> std::io::Result<Ws> {
     );
     io.write_all(resp.as_bytes()).await?;
     let leftover = buf[head_len..].to_vec();
+    // Small buffers: tungstenite's 128 KiB defaults cost ~140 KB per idle
+    // session. Frames larger than the read buffer still arrive whole.
     let config = WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
         .max_message_size(Some(max_frame_bytes))
         .max_frame_size(Some(max_frame_bytes));
     Ok(WebSocketStream::from_partially_read(io, leftover, Role::Server, Some(config)).await)

@@ -142,7 +142,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
 }
 
 fn serve(dir: DataDir, listen: Option<String>) -> Result<ExitCode> {
-    let rt = tokio::runtime::Runtime::new()?;
+    // SQLite calls serialise on one connection, so a large blocking pool only
+    // adds idle threads (and their stacks and allocator heaps) under load.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(16)
+        .build()?;
     rt.block_on(async move {
         let opts = secrets_agent::Options {
             data_dir: dir.root.clone(),
