@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -385,97 +385,6 @@ async fn closed_loop(
     Ok(Measure::from(&h, secs, errors.load(Ordering::Relaxed)))
 }
 
-/// Open loop: `rate` requests/s spread over `conns` connections, sent on a
-/// fixed schedule whatever the responses do (a separate reader per
-/// connection), so slow responses cannot slow the senders down. Latency is
-/// measured from the moment each request was written (tokio's 1 ms timer
-/// granularity would otherwise be counted as server latency); a server that
-/// cannot keep up shows as an achieved rate below the target.
-async fn open_loop(
-    url: &str,
-    id: Option<&Identity>,
-    action: &str,
-    conns: usize,
-    rate: u64,
-    dur: Duration,
-) -> Result<Measure> {
-    let mut sockets = Vec::with_capacity(conns);
-    for _ in 0..conns {
-        sockets.push(open(url, id).await?);
-    }
-    let per_conn = (rate as f64 / conns as f64).max(1.0);
-    let interval = Duration::from_secs_f64(1.0 / per_conn);
-    let merged = Arc::new(Mutex::new(hist()));
-    let start = Instant::now();
-    let mut tasks = Vec::new();
-    for (ci, ws) in sockets.into_iter().enumerate() {
-        let (merged, action) = (merged.clone(), action.to_string());
-        tasks.push(tokio::spawn(async move {
-            let (mut tx, mut rx) = ws.split();
-            let sent: Arc<std::sync::Mutex<HashMap<String, Instant>>> = Arc::default();
-            let done = Arc::new(AtomicBool::new(false));
-            let (s2, d2) = (sent.clone(), done.clone());
-            let reader = tokio::spawn(async move {
-                let mut h = hist();
-                let mut check = tokio::time::interval(Duration::from_millis(10));
-                loop {
-                    tokio::select! {
-                        m = rx.next() => {
-                            let Some(Ok(m)) = m else { break };
-                            let Message::Text(t) = m else { continue };
-                            let now = Instant::now();
-                            if let Some(rid) = request_id(t.as_str()) {
-                                let t0 = s2.lock().unwrap().remove(rid);
-                                if let Some(t0) = t0 {
-                                    h.saturating_record(now.duration_since(t0).as_micros() as u64);
-                                }
-                            }
-                        }
-                        _ = check.tick() => {}
-                    }
-                    if d2.load(Ordering::Relaxed) && s2.lock().unwrap().is_empty() {
-                        break;
-                    }
-                }
-                h
-            });
-            // Stagger connections across one interval.
-            let offset = interval.mul_f64(ci as f64 / 50.0);
-            let first = tokio::time::Instant::now() + offset;
-            let mut ticker = tokio::time::interval_at(first, interval);
-            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-            let mut seq = 0u64;
-            let end = tokio::time::Instant::now() + dur;
-            loop {
-                let scheduled = ticker.tick().await;
-                if scheduled >= end {
-                    break;
-                }
-                seq += 1;
-                let rid = format!("o{ci}-{seq}");
-                sent.lock()
-                    .unwrap()
-                    .insert(rid.clone(), scheduled.into_std());
-                if tx.send(Message::text(frame(&action, &rid))).await.is_err() {
-                    break;
-                }
-            }
-            done.store(true, Ordering::Relaxed);
-            let h = tokio::time::timeout(Duration::from_secs(10), reader).await;
-            let _ = tx.send(Message::Close(None)).await;
-            if let Ok(Ok(h)) = h {
-                merged.lock().await.add(&h).expect("same bounds");
-            }
-        }));
-    }
-    for t in tasks {
-        let _ = t.await;
-    }
-    let secs = start.elapsed().as_secs_f64();
-    let h = merged.lock().await.clone();
-    Ok(Measure::from(&h, secs, 0))
-}
-
 /// Full handshakes (connect, challenge, auth, auth_ok, close) per second;
 /// for the echo: connect, one round trip, close.
 async fn handshakes(
@@ -515,32 +424,40 @@ async fn handshakes(
     Ok(Measure::from(&h, secs, 0))
 }
 
-/// Soak: `rate` requests/s of mixed actions over 50 connections for `dur`,
-/// reporting each `every`: achieved rate, p50/p99 of the interval, server RSS.
-/// A flat RSS and p99 across reports is a pass.
-async fn soak(
+/// Open loop: `rate` requests/s of `actions` (round-robin) over 50
+/// connections for `dur`, sent on a fixed, staggered schedule whatever the
+/// responses do (a separate reader per connection), so slow responses cannot
+/// slow the senders; a server that cannot keep up shows as an achieved rate
+/// below the target. Latency is measured from the moment each request is
+/// written. With `report`, prints each interval's rate, p50/p99 and the
+/// server's RSS (the soak); returns the whole run's measure.
+async fn fixed_rate(
     url: &str,
-    id: &Identity,
+    id: Option<&Identity>,
     actions: Vec<String>,
     rate: u64,
     dur: Duration,
-    every: Duration,
-    pid: Option<u32>,
-    json_out: bool,
-) -> Result<()> {
+    report: Option<(Duration, Option<u32>, bool)>,
+) -> Result<Measure> {
     let conns = 50;
     let mut sockets = Vec::with_capacity(conns);
     for _ in 0..conns {
-        sockets.push(open(url, Some(id)).await?);
+        sockets.push(open(url, id).await?);
     }
     let window = Arc::new(std::sync::Mutex::new(hist()));
+    let total = Arc::new(std::sync::Mutex::new(hist()));
     let errors = Arc::new(AtomicU64::new(0));
     let interval = Duration::from_secs_f64(conns as f64 / rate.max(1) as f64);
     let end = tokio::time::Instant::now() + dur;
     let actions = Arc::new(actions);
     let mut tasks = Vec::new();
     for (ci, ws) in sockets.into_iter().enumerate() {
-        let (window, errors, actions) = (window.clone(), errors.clone(), actions.clone());
+        let (window, total, errors, actions) = (
+            window.clone(),
+            total.clone(),
+            errors.clone(),
+            actions.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             let (mut tx, mut rx) = ws.split();
             let sent: Arc<std::sync::Mutex<HashMap<String, Instant>>> = Arc::default();
@@ -554,10 +471,9 @@ async fn soak(
                     if let Some(rid) = request_id(t.as_str()) {
                         let t0 = s2.lock().unwrap().remove(rid);
                         if let Some(t0) = t0 {
-                            window
-                                .lock()
-                                .unwrap()
-                                .saturating_record(t0.elapsed().as_micros() as u64);
+                            let us = t0.elapsed().as_micros() as u64;
+                            window.lock().unwrap().saturating_record(us);
+                            total.lock().unwrap().saturating_record(us);
                         }
                     }
                 }
@@ -586,38 +502,42 @@ async fn soak(
         }));
     }
     let start = Instant::now();
-    let mut report = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-    let mut n = 0;
-    while tokio::time::Instant::now() < end {
-        report.tick().await;
-        n += 1;
-        let h = std::mem::replace(&mut *window.lock().unwrap(), hist());
-        let rss = pid.and_then(rss_kib).map(|k| k as f64 / 1024.0);
-        let (rps, p50, p99) = (
-            h.len() as f64 / every.as_secs_f64(),
-            h.value_at_quantile(0.5),
-            h.value_at_quantile(0.99),
-        );
-        let errs = errors.swap(0, Ordering::Relaxed);
-        if json_out {
-            println!(
-                "{}",
-                json!({"scenario": "soak", "report": n, "elapsed_secs": start.elapsed().as_secs(), "rps": rps, "p50_us": p50, "p99_us": p99, "errors": errs, "server_rss_mb": rss})
+    if let Some((every, pid, json_out)) = report {
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        let mut n = 0;
+        while tokio::time::Instant::now() < end {
+            tick.tick().await;
+            n += 1;
+            let h = std::mem::replace(&mut *window.lock().unwrap(), hist());
+            let rss = pid.and_then(rss_kib).map(|k| k as f64 / 1024.0);
+            let (rps, p50, p99) = (
+                h.len() as f64 / every.as_secs_f64(),
+                h.value_at_quantile(0.5),
+                h.value_at_quantile(0.99),
             );
-        } else {
-            let rss = rss
-                .map(|m| format!("{m:.1} MB"))
-                .unwrap_or_else(|| "n/a".into());
-            println!(
-                "soak {:>5} s: {rps:>8.0} req/s  p50 {p50:>6} µs  p99 {p99:>6} µs  errors {errs}  server RSS {rss}",
-                start.elapsed().as_secs()
-            );
+            let errs = errors.swap(0, Ordering::Relaxed);
+            if json_out {
+                println!(
+                    "{}",
+                    json!({"scenario": "soak", "report": n, "elapsed_secs": start.elapsed().as_secs(), "rps": rps, "p50_us": p50, "p99_us": p99, "errors": errs, "server_rss_mb": rss})
+                );
+            } else {
+                let rss = rss
+                    .map(|m| format!("{m:.1} MB"))
+                    .unwrap_or_else(|| "n/a".into());
+                println!(
+                    "soak {:>5} s: {rps:>8.0} req/s  p50 {p50:>6} µs  p99 {p99:>6} µs  errors {errs}  server RSS {rss}",
+                    start.elapsed().as_secs()
+                );
+            }
         }
     }
     for t in tasks {
         let _ = t.await;
     }
-    Ok(())
+    let secs = dur.as_secs_f64();
+    let h = total.lock().unwrap().clone();
+    Ok(Measure::from(&h, secs, errors.load(Ordering::Relaxed)))
 }
 
 fn rss_kib(pid: u32) -> Option<u64> {
@@ -734,8 +654,9 @@ pub async fn run(
         }
     }
     if want("open10k") {
-        let s = open_loop(&target.url, id, &args.action, 50, args.open_rate, dur).await?;
-        let e = open_loop(&echo, None, &args.action, 50, args.open_rate, dur).await?;
+        let one = vec![args.action.clone()];
+        let s = fixed_rate(&target.url, id, one.clone(), args.open_rate, dur, None).await?;
+        let e = fixed_rate(&echo, None, one, args.open_rate, dur, None).await?;
         row(
             args.json,
             &format!("open loop {}/s, 50 conns", args.open_rate),
@@ -755,17 +676,17 @@ pub async fn run(
             .map(|a| a.trim().to_string())
             .filter(|a| !a.is_empty())
             .collect();
-        soak(
-            &target.url,
-            &target.identity,
-            mix,
-            args.open_rate,
-            dur,
-            Duration::from_secs(args.report_secs),
-            target.pid,
-            args.json,
-        )
-        .await?;
+        let report = Some((Duration::from_secs(args.report_secs), target.pid, args.json));
+        let m = fixed_rate(&target.url, id, mix, args.open_rate, dur, report).await?;
+        if !args.json {
+            println!(
+                "soak total: {:.0} req/s, p50 {} µs, p99 {} µs, {} errors",
+                m.rate(),
+                m.p50_us,
+                m.p99_us,
+                m.errors
+            );
+        }
     }
     if want("idle10k") {
         let (before, after, n, secs) = idle_sessions(
