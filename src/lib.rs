@@ -12,6 +12,7 @@ pub mod config_file;
 pub mod connection;
 pub mod handlers;
 pub mod logging;
+pub mod memory;
 pub mod plugins;
 pub mod protocol;
 pub mod rpc;

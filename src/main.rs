@@ -63,6 +63,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: DevicesCmd,
     },
+    /// Memories.
+    Memory {
+        #[command(subcommand)]
+        cmd: MemoryCmd,
+    },
     /// Check the audit log.
     Audit {
         #[command(subcommand)]
@@ -78,6 +83,17 @@ enum DevicesCmd {
     },
     Revoke {
         device_id: String,
+        #[command(flatten)]
+        dir: DirArg,
+    },
+}
+
+#[derive(Subcommand)]
+enum MemoryCmd {
+    /// Import memories from JSON Lines (one object per line: content, and
+    /// optionally category, tags, confidence, id, created_at, updated_at).
+    Import {
+        file: PathBuf,
         #[command(flatten)]
         dir: DirArg,
     },
@@ -138,6 +154,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Audit {
             cmd: AuditCmd::Verify { dir },
         } => audit_verify(data_dir(&dir)?),
+        Cmd::Memory {
+            cmd: MemoryCmd::Import { file, dir },
+        } => memory_import(data_dir(&dir)?, &file),
     }
 }
 
@@ -243,6 +262,63 @@ fn devices_revoke(dir: DataDir, id: &str) -> Result<ExitCode> {
     cli_audit(&dir, &db, &config, "cli.revoke_device", "ok")?;
     println!("Device {id} revoked; a running server closes its sessions within 5 s.");
     Ok(ExitCode::SUCCESS)
+}
+
+fn memory_import(dir: DataDir, file: &std::path::Path) -> Result<ExitCode> {
+    use std::io::IsTerminal;
+    let (db, config) = open(&dir)?;
+    let embedder =
+        secrets_agent::memory::embedder::Embedder::start(dir.resolve(&config.memory.model_dir));
+    let total = std::fs::metadata(file)
+        .with_context(|| format!("cannot read {}", file.display()))?
+        .len();
+    let bar = if std::io::stderr().is_terminal() {
+        let b = indicatif::ProgressBar::new(total);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} ({eta} left)")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        Some(b)
+    } else {
+        None
+    };
+    let started = std::time::Instant::now();
+    let report =
+        secrets_agent::memory::import::run(&db, &embedder, file, system_now_ms(), |bytes| {
+            if let Some(b) = &bar {
+                b.set_position(bytes);
+            }
+        })
+        .map_err(anyhow::Error::msg)?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    for (line, reason) in &report.failed {
+        eprintln!("line {line}: {reason}");
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "imported {} memories in {secs:.1} s ({:.0}/s); {} line(s) failed",
+        report.imported,
+        report.imported as f64 / secs.max(0.001),
+        report.failed.len()
+    );
+    cli_audit(
+        &dir,
+        &db,
+        &config,
+        "cli.memory_import",
+        if report.failed.is_empty() {
+            "ok"
+        } else {
+            "partial"
+        },
+    )?;
+    Ok(if report.failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    })
 }
 
 fn audit_verify(dir: DataDir) -> Result<ExitCode> {

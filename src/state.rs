@@ -13,6 +13,7 @@ use crate::auth::keys::ServerKey;
 use crate::auth::ratelimit::HandshakeLimiter;
 use crate::clock::Clock;
 use crate::config::Config;
+use crate::memory::Memory;
 use crate::plugins::Plugins;
 use crate::sessions::Sessions;
 use crate::skills::Skills;
@@ -62,6 +63,7 @@ pub struct AppState {
     pub audit: AuditLog,
     pub approvals: Approvals,
     pub plugins: Plugins,
+    pub memory: Memory,
     /// Serialises writers of config.toml.
     pub config_write: tokio::sync::Mutex<()>,
     pub skills: Skills,
@@ -90,6 +92,8 @@ impl AppState {
             .blocking(|c| toggles::all(c, Kind::Skill))
             .unwrap_or_default();
         let plugins = Plugins::load(&dir.root, plugin_toggles);
+        let memory = Memory::open(&db, dir.resolve(&config.memory.model_dir))
+            .expect("memory index loads from agent.db");
         let skills = Skills::load(&dir.root, skill_toggles);
         let audit = AuditLog::start(dir.resolve(&config.audit.dir), db.clone());
         let limiter = HandshakeLimiter::new(
@@ -107,6 +111,7 @@ impl AppState {
             audit,
             approvals: Approvals::default(),
             plugins,
+            memory,
             config_write: tokio::sync::Mutex::new(()),
             skills,
             shutdown: CancellationToken::new(),

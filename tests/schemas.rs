@@ -120,13 +120,14 @@ impl Schemas {
 
 /// Sample params for every action (success case). A new action without a
 /// sample fails the test.
-fn samples(device_to_revoke: &str) -> HashMap<&'static str, Value> {
+fn samples(device_to_revoke: &str, memory_to_delete: &str) -> HashMap<&'static str, Value> {
     HashMap::from([
         ("get_dashboard", json!({})),
         ("get_config", json!({})),
         ("list_devices", json!({})),
         ("list_approvals", json!({})),
         ("revoke_device", json!({"device_id": device_to_revoke})),
+        ("delete_memory", json!({"id": memory_to_delete})),
         (
             "update_config",
             json!({"section": "llm", "value": {"model": "m2", "api_key": "sk-x"}}),
@@ -139,6 +140,15 @@ fn samples(device_to_revoke: &str) -> HashMap<&'static str, Value> {
         ("reload_plugins", json!({})),
         ("list_skills", json!({})),
         ("toggle_skill", json!({"id": "web", "enabled": false})),
+        (
+            "create_memory",
+            json!({"content": "OAuth2 with PKCE", "tags": ["auth"], "confidence": "high"}),
+        ),
+        ("list_memories", json!({"page": 1, "per_page": 10})),
+        (
+            "search_memories",
+            json!({"query": "authentication", "limit": 3}),
+        ),
     ])
 }
 
@@ -185,6 +195,7 @@ async fn every_frame_in_a_full_scenario_matches_its_schema() {
     .unwrap();
     std::fs::create_dir_all(dir.path().join("plugins/broken")).unwrap();
     std::fs::write(dir.path().join("plugins/broken/plugin.toml"), "name = ").unwrap();
+    std::fs::write(dir.path().join("config.toml"), common::model_config()).unwrap();
     let handle = common::start_in(dir.path()).await;
     let url = handle.url.clone();
     let s = TestServer {
@@ -192,7 +203,12 @@ async fn every_frame_in_a_full_scenario_matches_its_schema() {
         dir,
         url,
     };
-    let (_victim, vid) = s.phone("victim").await;
+    let (victim, vid) = s.phone("victim").await;
+    let mem = victim
+        .request("create_memory", json!({"content": "to be deleted"}))
+        .await
+        .unwrap();
+    let mem_id = mem["entry"]["id"].as_str().unwrap().to_string();
 
     // Pair over a raw connection so every frame is seen.
     let id = Identity::generate("schema phone", ApprovalAlg::Es256);
@@ -224,7 +240,7 @@ async fn every_frame_in_a_full_scenario_matches_its_schema() {
     let mut action_of: HashMap<String, String> = HashMap::new();
     let mut n = 0;
     let registered: Vec<&str> = s.handle().actions.clone();
-    let samples = samples(&vid.device_id());
+    let samples = samples(&vid.device_id(), &mem_id);
     for action in &registered {
         let params = samples
             .get(action)

@@ -130,11 +130,16 @@ pub async fn update_config(state: Arc<AppState>, approved: Approved<UpdateConfig
     })
     .await
     .map_err(|e| ApiError::internal(e.to_string()))??;
-    let old_audit = state.config().audit.dir.clone();
-    let new_audit = next.audit.dir.clone();
+    let old = state.config();
+    let (new_audit, new_model) = (next.audit.dir.clone(), next.memory.model_dir.clone());
     state.set_config(next);
-    if old_audit != new_audit {
+    // Applied before answering, so the next request sees the change.
+    if old.audit.dir != new_audit {
         state.audit.set_dir(state.dir.resolve(&new_audit)).await;
+    }
+    if old.memory.model_dir != new_model {
+        tracing::info!(dir = %new_model.display(), "memory.model_dir changed: reloading the embedding model");
+        state.memory.embedder.reload(state.dir.resolve(&new_model));
     }
     tracing::info!(section = %p.section, approval = approved.approval_id(), "configuration updated");
     Ok(

@@ -12,7 +12,7 @@ pub async fn get_dashboard(state: Arc<AppState>, _caller: Caller, _p: NoParams) 
         "result": "dashboard",
         "connected": true,
         "connected_devices": state.sessions.connected_devices(),
-        "memory_count": 0,
+        "memory_count": state.memory.count(),
         "plugin_count": state.plugins.count(),
         "skill_count": state.skills.count(),
         "scheduled_task_count": 0,

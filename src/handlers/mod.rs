@@ -6,6 +6,7 @@ pub mod approvals;
 pub mod config;
 pub mod dashboard;
 pub mod devices;
+pub mod memory;
 pub mod plugins;
 pub mod skills;
 
@@ -27,6 +28,15 @@ pub fn register_all(m: &mut Actions) {
         "update_config",
         config::prepare_update,
         config::update_config,
+    );
+    register(m, "create_memory", memory::create_memory);
+    register(m, "list_memories", memory::list_memories);
+    register(m, "search_memories", memory::search_memories);
+    register_gated(
+        m,
+        "delete_memory",
+        memory::prepare_delete,
+        memory::delete_memory,
     );
     register_gated(
         m,

@@ -36,6 +36,11 @@ impl TestServer {
         }
     }
 
+    /// With the real embedding model (fetched by `scripts/fetch-models.sh`).
+    pub async fn start_with_memory(extra: &str) -> TestServer {
+        Self::start_with_config(&format!("{}\n{extra}", model_config())).await
+    }
+
     pub fn path(&self) -> &Path {
         self.dir.path()
     }
@@ -153,4 +158,22 @@ pub fn assert_error(payload: &Value, code: &str) {
         payload["message"].as_str().is_some_and(|m| !m.is_empty()),
         "an error has a message: {payload}"
     );
+}
+
+/// The model the tests use: `.deps/models/all-MiniLM-L6-v2` in the repo.
+pub fn model_dir() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(".deps/models/all-MiniLM-L6-v2");
+    assert!(
+        dir.join("model.onnx").is_file() && dir.join("libonnxruntime.so").is_file(),
+        "the test embedding model is missing: run scripts/fetch-models.sh (scripts/test.sh does)"
+    );
+    dir
+}
+
+/// `[memory] model_dir = <the test model>`.
+pub fn model_config() -> String {
+    format!(
+        "[memory]\nmodel_dir = {:?}\n",
+        model_dir().display().to_string()
+    )
 }

@@ -1,0 +1,261 @@
+//! The embedding model (fastembed, all-MiniLM-L6-v2 int8, ONNX Runtime
+//! loaded dynamically) on a dedicated thread: the async runtime never runs
+//! inference. If files are missing or broken, the embedder says exactly
+//! what and how to fetch them, and every request gets that message.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use fastembed::{
+    InitOptionsUserDefined, Pooling, TextEmbedding, TokenizerFiles, UserDefinedEmbeddingModel,
+};
+use sha2::{Digest, Sha256};
+use tokio::sync::oneshot;
+
+use super::index::DIM;
+
+/// The files `memory.model_dir` must hold.
+pub const MODEL_FILES: &[&str] = &[
+    "model.onnx",
+    "tokenizer.json",
+    "config.json",
+    "special_tokens_map.json",
+    "tokenizer_config.json",
+];
+/// The ONNX Runtime library, in `model_dir` unless `ORT_DYLIB_PATH` names one.
+pub const ORT_LIBRARY: &str = "libonnxruntime.so";
+/// Token limit per text (longer texts are truncated by the tokenizer).
+const MAX_TOKENS: usize = 256;
+
+#[derive(Debug, Clone)]
+pub enum Status {
+    Loading,
+    Ready { model_id: String },
+    Unavailable(String),
+}
+
+enum Job {
+    Embed {
+        texts: Vec<String>,
+        reply: oneshot::Sender<Result<Vec<Vec<f32>>, String>>,
+    },
+    Load(PathBuf),
+}
+
+/// A handle to the embedding thread (cheap to clone).
+#[derive(Clone)]
+pub struct Embedder {
+    tx: std::sync::mpsc::SyncSender<Job>,
+    status: Arc<RwLock<Status>>,
+}
+
+impl std::fmt::Debug for Embedder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Embedder")
+            .field("status", &self.status())
+            .finish()
+    }
+}
+
+fn how_to_fetch(dir: &Path) -> String {
+    format!(
+        "run `scripts/fetch-models.sh {}` (see README: memory)",
+        dir.display()
+    )
+}
+
+/// ONNX Runtime allows one environment per process (and one library): made
+/// once, from the first library path, and shared by every model load.
+fn ort_environment(lib: &Path) -> Result<ort::environment::Environment, String> {
+    static ENV: std::sync::Mutex<Option<ort::environment::Environment>> =
+        std::sync::Mutex::new(None);
+    let mut env = ENV.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(e) = env.as_ref() {
+        return Ok(e.clone());
+    }
+    // A missing or too-old library would panic inside ort at first use:
+    // load it here, where a problem is an error (and is retried next time).
+    let made = ort::init_from(lib)
+        .map_err(|e| {
+            format!(
+                "cannot load ONNX Runtime from {}: {e}; it must be version 1.24 or later",
+                lib.display()
+            )
+        })?
+        .build()
+        .map_err(|e| format!("cannot start ONNX Runtime: {e}"))?;
+    *env = Some(made.clone());
+    Ok(made)
+}
+
+/// Loads the model from `dir`, or says what is wrong.
+fn load(dir: &Path) -> Result<(TextEmbedding, String), String> {
+    let missing: Vec<&str> = MODEL_FILES
+        .iter()
+        .copied()
+        .filter(|f| !dir.join(f).is_file())
+        .collect();
+    let lib = std::env::var_os("ORT_DYLIB_PATH")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| dir.join(ORT_LIBRARY));
+    let mut problems = Vec::new();
+    if !missing.is_empty() {
+        problems.push(format!(
+            "missing {} in {}",
+            missing.join(", "),
+            dir.display()
+        ));
+    }
+    if !lib.is_file() {
+        problems.push(format!(
+            "missing the ONNX Runtime library {}",
+            lib.display()
+        ));
+    }
+    if !problems.is_empty() {
+        return Err(format!(
+            "the embedding model is not available: {}; {}",
+            problems.join("; "),
+            how_to_fetch(dir)
+        ));
+    }
+    let env = ort_environment(&lib)?;
+    let read = |f: &str| {
+        std::fs::read(dir.join(f))
+            .map_err(|e| format!("cannot read {}: {e}", dir.join(f).display()))
+    };
+    let onnx = read("model.onnx")?;
+    let model_id = format!(
+        "all-MiniLM-L6-v2-int8:{}",
+        &hex::encode(Sha256::digest(&onnx))[..12]
+    );
+    let tokenizer = TokenizerFiles {
+        tokenizer_file: read("tokenizer.json")?,
+        config_file: read("config.json")?,
+        special_tokens_map_file: read("special_tokens_map.json")?,
+        tokenizer_config_file: read("tokenizer_config.json")?,
+    };
+    // Mean pooling: without it fastembed uses CLS pooling, wrong for MiniLM.
+    let model = UserDefinedEmbeddingModel::new(onnx, tokenizer).with_pooling(Pooling::Mean);
+    let opts = InitOptionsUserDefined::new()
+        .with_max_length(MAX_TOKENS)
+        .with_environment(env);
+    let mut te = TextEmbedding::try_new_from_user_defined(model, opts).map_err(|e| {
+        format!(
+            "cannot load the embedding model from {}: {e}; {}",
+            dir.display(),
+            how_to_fetch(dir)
+        )
+    })?;
+    // A smoke test: the right dimension and a unit vector.
+    let v = te
+        .embed(vec!["ready"], None)
+        .map_err(|e| format!("the embedding model does not run: {e}"))?;
+    if v.first().map(Vec::len) != Some(DIM) {
+        return Err(format!(
+            "the model in {} does not produce {DIM}-dimensional vectors",
+            dir.display()
+        ));
+    }
+    Ok((te, model_id))
+}
+
+fn normalise(mut v: Vec<f32>) -> Vec<f32> {
+    let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if n > 0.0 {
+        v.iter_mut().for_each(|x| *x /= n);
+    }
+    v
+}
+
+impl Embedder {
+    /// Starts the thread and begins loading from `dir`.
+    pub fn start(dir: PathBuf) -> Embedder {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(256);
+        let status = Arc::new(RwLock::new(Status::Loading));
+        let st = status.clone();
+        std::thread::Builder::new()
+            .name("embedder".into())
+            .spawn(move || {
+                let mut model: Option<TextEmbedding> = None;
+                let set = |s: Status| *st.write().unwrap_or_else(|p| p.into_inner()) = s;
+                let load_from = |dir: &Path, model: &mut Option<TextEmbedding>| {
+                    *model = None;
+                    set(Status::Loading);
+                    let started = std::time::Instant::now();
+                    match std::panic::catch_unwind(|| load(dir)) {
+                        Ok(Ok((m, id))) => {
+                            tracing::info!(model = %id, dir = %dir.display(), ms = started.elapsed().as_millis() as u64, "embedding model loaded");
+                            *model = Some(m);
+                            set(Status::Ready { model_id: id });
+                        }
+                        Ok(Err(msg)) => {
+                            tracing::warn!("{msg}");
+                            set(Status::Unavailable(msg));
+                        }
+                        Err(_) => set(Status::Unavailable(format!("loading the embedding model from {} crashed; {}", dir.display(), how_to_fetch(dir)))),
+                    }
+                };
+                load_from(&dir, &mut model);
+                while let Ok(job) = rx.recv() {
+                    match job {
+                        Job::Load(dir) => load_from(&dir, &mut model),
+                        Job::Embed { texts, reply } => {
+                            let out = match model.as_mut() {
+                                None => Err(match &*st.read().unwrap_or_else(|p| p.into_inner()) {
+                                    Status::Unavailable(m) => m.clone(),
+                                    _ => "the embedding model is not loaded".to_string(),
+                                }),
+                                Some(m) => match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| m.embed(&texts, None))) {
+                                    Ok(Ok(vs)) => Ok(vs.into_iter().map(normalise).collect()),
+                                    Ok(Err(e)) => Err(format!("embedding failed: {e}")),
+                                    Err(_) => Err("embedding failed (the model crashed)".to_string()),
+                                },
+                            };
+                            let _ = reply.send(out);
+                        }
+                    }
+                }
+            })
+            .expect("spawn embedder thread");
+        Embedder { tx, status }
+    }
+
+    pub fn status(&self) -> Status {
+        self.status
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Reloads from another folder (after `memory.model_dir` changed).
+    /// Requests made after this call wait behind the load (in order on the
+    /// embedder thread) instead of seeing the old status.
+    pub fn reload(&self, dir: PathBuf) {
+        *self.status.write().unwrap_or_else(|p| p.into_inner()) = Status::Loading;
+        let _ = self.tx.try_send(Job::Load(dir));
+    }
+
+    /// Embeds texts in one batch; vectors are L2-normalised.
+    pub async fn embed(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, String> {
+        let (reply, rx) = oneshot::channel();
+        let tx = self.tx.clone();
+        let job = Job::Embed { texts, reply };
+        // `send` blocks only while 256 jobs are queued: do it off the runtime.
+        tokio::task::spawn_blocking(move || tx.send(job))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|_| "the embedder stopped".to_string())?;
+        rx.await.map_err(|_| "the embedder stopped".to_string())?
+    }
+
+    /// Blocking form for the CLI.
+    pub fn embed_blocking(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, String> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Job::Embed { texts, reply })
+            .map_err(|_| "the embedder stopped".to_string())?;
+        rx.blocking_recv()
+            .map_err(|_| "the embedder stopped".to_string())?
+    }
+}

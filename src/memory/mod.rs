@@ -1,0 +1,242 @@
+//! Memory: what the agent knows about its owner — entries in SQLite with
+//! their embeddings, an in-memory vector index for exact semantic search,
+//! and the embedding model on its own thread.
+
+pub mod embedder;
+pub mod import;
+pub mod index;
+pub mod store;
+
+use std::sync::{Arc, RwLock};
+
+use serde::Deserialize;
+
+use crate::protocol::{ApiError, ErrorCode};
+use crate::storage::{Db, StorageError};
+use embedder::{Embedder, Status};
+use index::VectorIndex;
+use store::{Confidence, Entry};
+
+/// The longest memory content accepted, in bytes.
+pub const MAX_CONTENT_BYTES: usize = 32 * 1024;
+const MAX_TAGS: usize = 32;
+const MAX_TAG_CHARS: usize = 64;
+const MAX_CATEGORY_CHARS: usize = 64;
+
+/// A new memory as given by `create_memory` or an import line.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewMemory {
+    pub content: String,
+    pub category: Option<String>,
+    pub tags: Option<Vec<String>>,
+    pub confidence: Option<Confidence>,
+}
+
+impl NewMemory {
+    /// Checks limits; returns the entry to store (a fresh id, times `now_ms`).
+    pub fn validate(self, now_ms: i64) -> Result<Entry, String> {
+        if self.content.trim().is_empty() {
+            return Err("`content` must not be empty".into());
+        }
+        if self.content.len() > MAX_CONTENT_BYTES {
+            return Err(format!(
+                "`content` is {} bytes; at most {MAX_CONTENT_BYTES}",
+                self.content.len()
+            ));
+        }
+        let category = self.category.unwrap_or_else(|| "note".into());
+        if category.trim().is_empty() || category.chars().count() > MAX_CATEGORY_CHARS {
+            return Err(format!(
+                "`category` must have 1 to {MAX_CATEGORY_CHARS} characters"
+            ));
+        }
+        let tags = self.tags.unwrap_or_default();
+        if tags.len() > MAX_TAGS
+            || tags
+                .iter()
+                .any(|t| t.is_empty() || t.chars().count() > MAX_TAG_CHARS)
+        {
+            return Err(format!(
+                "`tags`: at most {MAX_TAGS}, each 1 to {MAX_TAG_CHARS} characters"
+            ));
+        }
+        Ok(Entry {
+            id: new_id(),
+            content: self.content,
+            category,
+            tags,
+            confidence: self.confidence.unwrap_or(Confidence::Medium),
+            created_at: now_ms,
+            updated_at: now_ms,
+        })
+    }
+}
+
+/// `mem_` + 16 random hex characters.
+pub fn new_id() -> String {
+    format!(
+        "mem_{}",
+        hex::encode(crate::auth::keys::random_bytes::<8>())
+    )
+}
+
+/// The memory service held by `AppState`.
+pub struct Memory {
+    index: RwLock<VectorIndex>,
+    pub embedder: Embedder,
+}
+
+impl std::fmt::Debug for Memory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Memory")
+            .field("embedder", &self.embedder)
+            .finish()
+    }
+}
+
+fn storage(e: StorageError) -> ApiError {
+    ApiError::internal(e.to_string())
+}
+
+impl Memory {
+    /// Loads every stored vector into the index and starts the embedder.
+    pub fn open(db: &Db, model_dir: std::path::PathBuf) -> Result<Memory, StorageError> {
+        let rows = db.blocking(|c| store::vectors_after(c, 0))?;
+        let mut index = VectorIndex::default();
+        for (rowid, id, v) in rows {
+            if v.len() == index::DIM {
+                index.insert(&id, &v);
+            }
+            index.max_rowid = index.max_rowid.max(rowid);
+        }
+        tracing::info!(memories = index.len(), "memory index loaded");
+        Ok(Memory {
+            index: RwLock::new(index),
+            embedder: Embedder::start(model_dir),
+        })
+    }
+
+    pub fn count(&self) -> usize {
+        self.index.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    fn model_id(&self) -> Result<String, ApiError> {
+        match self.embedder.status() {
+            Status::Ready { model_id } => Ok(model_id),
+            Status::Unavailable(m) => Err(ApiError::new(ErrorCode::Unavailable, m)),
+            Status::Loading => Ok(String::new()),
+        }
+    }
+
+    async fn embed(&self, texts: Vec<String>) -> Result<(Vec<Vec<f32>>, String), ApiError> {
+        self.model_id()?;
+        let vs = self
+            .embedder
+            .embed(texts)
+            .await
+            .map_err(|m| ApiError::new(ErrorCode::Unavailable, m))?;
+        Ok((vs, self.model_id()?))
+    }
+
+    /// Stores a memory with its embedding; visible to list and search once
+    /// this returns.
+    pub async fn create(&self, db: &Db, entry: Entry) -> Result<Entry, ApiError> {
+        let (mut vs, model_id) = self.embed(vec![entry.content.clone()]).await?;
+        let v = vs
+            .pop()
+            .ok_or_else(|| ApiError::internal("no embedding returned"))?;
+        let (e2, v2) = (entry.clone(), v.clone());
+        let rowids = db
+            .call(move |c| store::insert_batch(c, &[(e2, v2)], &model_id))
+            .await
+            .map_err(storage)?;
+        let mut idx = self.index.write().unwrap_or_else(|p| p.into_inner());
+        idx.insert(&entry.id, &v);
+        idx.max_rowid = idx.max_rowid.max(rowids[0]);
+        Ok(entry)
+    }
+
+    pub async fn delete(&self, db: &Db, id: &str) -> Result<bool, ApiError> {
+        let id2 = id.to_string();
+        let found = db
+            .call(move |c| store::delete(c, &id2))
+            .await
+            .map_err(storage)?;
+        self.index
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        Ok(found)
+    }
+
+    /// Best first: (entry, cosine similarity).
+    pub async fn search(
+        &self,
+        db: &Db,
+        query: &str,
+        limit: usize,
+    ) -> Result<Vec<(Entry, f32)>, ApiError> {
+        let (mut vs, _) = self.embed(vec![query.to_string()]).await?;
+        let q = vs
+            .pop()
+            .ok_or_else(|| ApiError::internal("no embedding returned"))?;
+        let hits = self
+            .index
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .search(&q, limit);
+        let ids: Vec<String> = hits.iter().map(|(id, _)| id.to_string()).collect();
+        let mut entries = db
+            .call(move |c| store::get_many(c, &ids))
+            .await
+            .map_err(storage)?;
+        Ok(hits
+            .into_iter()
+            .filter_map(|(id, s)| entries.remove(&*id).map(|e| (e, s)))
+            .collect())
+    }
+
+    /// Picks up rows another process (the `memory import` CLI) committed.
+    pub async fn catch_up(&self, db: &Db) -> Result<usize, StorageError> {
+        let after = self
+            .index
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .max_rowid;
+        let newest = db.call(|c| store::max_rowid(c)).await?;
+        if newest <= after {
+            return Ok(0);
+        }
+        let rows = db.call(move |c| store::vectors_after(c, after)).await?;
+        let mut idx = self.index.write().unwrap_or_else(|p| p.into_inner());
+        let mut added = 0;
+        for (rowid, id, v) in rows {
+            if v.len() == index::DIM && !idx.contains(&id) {
+                idx.insert(&id, &v);
+                added += 1;
+            }
+            idx.max_rowid = idx.max_rowid.max(rowid);
+        }
+        Ok(added)
+    }
+}
+
+/// Keeps the index in step with rows that the `memory import` CLI commits
+/// (another process): checks every 2 s. (`update_config` reloads the
+/// embedder itself when `memory.model_dir` changes.)
+pub async fn watch(state: Arc<crate::state::AppState>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
+    loop {
+        tokio::select! {
+            _ = state.shutdown.cancelled() => return,
+            _ = tick.tick() => {
+                match state.memory.catch_up(&state.db).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(added = n, "memories imported by another process are now searchable"),
+                    Err(e) => tracing::error!(error = %e, "memory index catch-up failed"),
+                }
+            }
+        }
+    }
+}
