@@ -16,6 +16,7 @@ pub mod memory;
 pub mod plugins;
 pub mod protocol;
 pub mod rpc;
+pub mod scheduler;
 pub mod server;
 pub mod sessions;
 pub mod skills;

@@ -64,6 +64,7 @@ pub struct AppState {
     pub approvals: Approvals,
     pub plugins: Plugins,
     pub memory: Memory,
+    pub scheduler: crate::scheduler::Scheduler,
     /// Serialises writers of config.toml.
     pub config_write: tokio::sync::Mutex<()>,
     pub skills: Skills,
@@ -92,6 +93,8 @@ impl AppState {
             .blocking(|c| toggles::all(c, Kind::Skill))
             .unwrap_or_default();
         let plugins = Plugins::load(&dir.root, plugin_toggles);
+        let clock = Clock::new();
+        let scheduler = crate::scheduler::Scheduler::load(&config, &db, clock.now_ms());
         let memory = Memory::open(&db, dir.resolve(&config.memory.model_dir))
             .expect("memory index loads from agent.db");
         let skills = Skills::load(&dir.root, skill_toggles);
@@ -105,13 +108,14 @@ impl AppState {
             config: watch::Sender::new(Arc::new(config)),
             db,
             key,
-            clock: Clock::new(),
+            clock,
             sessions: Sessions::default(),
             limiter,
             audit,
             approvals: Approvals::default(),
             plugins,
             memory,
+            scheduler,
             config_write: tokio::sync::Mutex::new(()),
             skills,
             shutdown: CancellationToken::new(),

@@ -145,6 +145,13 @@ fn samples(device_to_revoke: &str, memory_to_delete: &str) -> HashMap<&'static s
             json!({"content": "OAuth2 with PKCE", "tags": ["auth"], "confidence": "high"}),
         ),
         ("list_memories", json!({"page": 1, "per_page": 10})),
+        ("list_scheduled_tasks", json!({})),
+        ("toggle_task", json!({"name": "nightly", "enabled": true})),
+        ("trigger_task", json!({"name": "nightly"})),
+        (
+            "list_task_executions",
+            json!({"task_name": "nightly", "limit": 5}),
+        ),
         (
             "search_memories",
             json!({"query": "authentication", "limit": 3}),
@@ -195,7 +202,12 @@ async fn every_frame_in_a_full_scenario_matches_its_schema() {
     .unwrap();
     std::fs::create_dir_all(dir.path().join("plugins/broken")).unwrap();
     std::fs::write(dir.path().join("plugins/broken/plugin.toml"), "name = ").unwrap();
-    std::fs::write(dir.path().join("config.toml"), common::model_config()).unwrap();
+    let tasks = "[[tasks]]\nname = \"nightly\"\ncron = \"0 3 * * *\"\nhandler = \"builtin\"\nbuiltin = \"prune-executions\"\n";
+    std::fs::write(
+        dir.path().join("config.toml"),
+        format!("{}\n{tasks}", common::model_config()),
+    )
+    .unwrap();
     let handle = common::start_in(dir.path()).await;
     let url = handle.url.clone();
     let s = TestServer {

@@ -15,7 +15,7 @@ pub async fn get_dashboard(state: Arc<AppState>, _caller: Caller, _p: NoParams) 
         "memory_count": state.memory.count(),
         "plugin_count": state.plugins.count(),
         "skill_count": state.skills.count(),
-        "scheduled_task_count": 0,
-        "recent_executions": [],
+        "scheduled_task_count": state.scheduler.count(),
+        "recent_executions": state.scheduler.recent_json(),
     }))
 }

@@ -8,6 +8,7 @@ pub mod dashboard;
 pub mod devices;
 pub mod memory;
 pub mod plugins;
+pub mod scheduler;
 pub mod skills;
 
 use crate::approvals::register_gated;
@@ -29,6 +30,10 @@ pub fn register_all(m: &mut Actions) {
         config::prepare_update,
         config::update_config,
     );
+    register(m, "list_scheduled_tasks", scheduler::list_scheduled_tasks);
+    register(m, "toggle_task", scheduler::toggle_task);
+    register(m, "trigger_task", scheduler::trigger_task);
+    register(m, "list_task_executions", scheduler::list_task_executions);
     register(m, "create_memory", memory::create_memory);
     register(m, "list_memories", memory::list_memories);
     register(m, "search_memories", memory::search_memories);
