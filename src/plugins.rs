@@ -135,9 +135,9 @@ pub fn parse_manifest(text: &str, dir: &Path) -> Result<Plugin, String> {
     })
 }
 
-fn scan(data_dir: &Path) -> Loaded {
-    let root = data_dir.join("plugins");
-    let mut dirs: Vec<PathBuf> = match std::fs::read_dir(&root) {
+/// The folders directly under `root`, in name order (none if it is missing).
+pub(crate) fn subfolders(root: &Path) -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = match std::fs::read_dir(root) {
         Ok(rd) => rd
             .filter_map(|e| e.ok())
             .map(|e| e.path())
@@ -146,6 +146,12 @@ fn scan(data_dir: &Path) -> Loaded {
         Err(_) => Vec::new(),
     };
     dirs.sort();
+    dirs
+}
+
+fn scan(data_dir: &Path) -> Loaded {
+    let root = data_dir.join("plugins");
+    let dirs = subfolders(&root);
     let mut out = Loaded::default();
     let mut seen: HashMap<String, PathBuf> = HashMap::new();
     for dir in dirs {

@@ -82,15 +82,7 @@ pub struct Skills {
 
 fn scan(data_dir: &Path) -> (Vec<Skill>, Vec<Failure>) {
     let root = data_dir.join("skills");
-    let mut dirs: Vec<PathBuf> = match std::fs::read_dir(&root) {
-        Ok(rd) => rd
-            .filter_map(|e| e.ok())
-            .map(|e| e.path())
-            .filter(|p| p.is_dir())
-            .collect(),
-        Err(_) => Vec::new(),
-    };
-    dirs.sort();
+    let dirs = crate::plugins::subfolders(&root);
     let (mut skills, mut failed) = (Vec::new(), Vec::new());
     for dir in dirs {
         let file = dir.join("SKILL.md");

@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::TestServer;
-use mobile_client_sim::{Incoming, RawConn, proto};
+use mobile_client_sim::{Incoming, RawConn};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -14,19 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 async fn session(s: &TestServer) -> (RawConn, String) {
     let (c, id) = s.phone("catalogue").await;
     c.close().await;
-    let mut r = s.raw().await;
-    let ch = r.recv_frame().await.unwrap();
-    let cn = proto::nonce32();
-    let msg = proto::auth_string(
-        ch["server_key"].as_str().unwrap(),
-        ch["nonce"].as_str().unwrap(),
-        &id.device_id(),
-        &cn,
-        ch["ts"].as_i64().unwrap(),
-    );
-    r.send_json(&json!({"type": "auth", "protocol": 1, "device_id": id.device_id(), "nonce": ch["nonce"], "client_nonce": cn, "ts": ch["ts"], "signature": id.sign_device(&msg)})).await.unwrap();
-    assert_eq!(r.recv_frame().await.unwrap()["type"], "auth_ok");
-    (r, id.device_id())
+    (s.raw_authed(&id).await, id.device_id())
 }
 
 /// The session still answers, and the paired device is still there.

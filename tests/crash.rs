@@ -203,3 +203,68 @@ async fn sigkill_mid_operations_leaves_a_consistent_state() {
     child.wait().unwrap();
     check_consistent(dir.path());
 }
+
+#[test]
+fn sigkill_mid_import_leaves_whole_batches_only() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("config.toml"), common::model_config()).unwrap();
+    let file = dir.path().join("many.jsonl");
+    let lines: Vec<String> = (0..3000)
+        .map(|i| json!({"content": format!("memory line {i} about topic {}", i % 13)}).to_string())
+        .collect();
+    std::fs::write(&file, lines.join("\n")).unwrap();
+    let mut child = Command::new(bin())
+        .args(["memory", "import"])
+        .arg(&file)
+        .arg("--data-dir")
+        .arg(dir.path())
+        .env("SECRETS_AGENT_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill it once some batches are committed, before it is done.
+    let db = dir.path().join("agent.db");
+    let count = |db: &std::path::Path| -> i64 {
+        rusqlite::Connection::open(db)
+            .ok()
+            .and_then(|c| {
+                c.query_row("SELECT COUNT(*) FROM memories", [], |r| r.get(0))
+                    .ok()
+            })
+            .unwrap_or(0)
+    };
+    let started = std::time::Instant::now();
+    while count(&db) == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the import never committed a batch"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the import ended before it could be killed"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let ok: String = conn
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(ok, "ok");
+    let n = count(&db);
+    assert!(n > 0 && n < 3000, "killed mid-import: {n}");
+    assert_eq!(
+        n % secrets_agent::memory::import::BATCH as i64,
+        0,
+        "only whole batches: {n}"
+    );
+    let no_vector: i64 = conn
+        .query_row(
+            "SELECT COUNT(*) FROM memories WHERE length(embedding) != 384 * 4",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(no_vector, 0, "every memory has its embedding");
+}

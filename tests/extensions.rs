@@ -43,13 +43,7 @@ fn seed(dir: &std::path::Path) {
 async fn seeded() -> TestServer {
     let dir = tempfile::tempdir().unwrap();
     seed(dir.path());
-    let handle = common::start_in(dir.path()).await;
-    let url = handle.url.clone();
-    TestServer {
-        handle: Some(handle),
-        dir,
-        url,
-    }
+    TestServer::start_in_dir(dir).await
 }
 
 #[tokio::test]
@@ -196,13 +190,7 @@ async fn the_shipped_examples_load() {
     std::fs::copy(examples.join("config.toml"), dir.path().join("config.toml")).unwrap();
     copy_dir(&examples.join("plugins"), &dir.path().join("plugins"));
     copy_dir(&examples.join("skills"), &dir.path().join("skills"));
-    let handle = common::start_in(dir.path()).await;
-    let url = handle.url.clone();
-    let s = TestServer {
-        handle: Some(handle),
-        dir,
-        url,
-    };
+    let s = TestServer::start_in_dir(dir).await;
     let (c, _) = s.phone("p").await;
     let r = c.request("reload_plugins", json!({})).await.unwrap();
     assert_eq!(r["loaded"], 2, "{r}");

@@ -335,13 +335,7 @@ async fn plugin_tasks_get_the_run_on_stdin() {
         ),
     )
     .unwrap();
-    let handle = common::start_in(dir.path()).await;
-    let url = handle.url.clone();
-    let s = TestServer {
-        handle: Some(handle),
-        dir,
-        url,
-    };
+    let s = TestServer::start_in_dir(dir).await;
     let (c, _) = s.phone("p").await;
     let r = trigger_and_wait(&c, "report").await;
     assert_eq!(r["success"], true, "{r}");

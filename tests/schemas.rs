@@ -208,13 +208,7 @@ async fn every_frame_in_a_full_scenario_matches_its_schema() {
         format!("{}\n{tasks}", common::model_config()),
     )
     .unwrap();
-    let handle = common::start_in(dir.path()).await;
-    let url = handle.url.clone();
-    let s = TestServer {
-        handle: Some(handle),
-        dir,
-        url,
-    };
+    let s = TestServer::start_in_dir(dir).await;
     let (victim, vid) = s.phone("victim").await;
     let mem = victim
         .request("create_memory", json!({"content": "to be deleted"}))

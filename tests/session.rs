@@ -12,20 +12,7 @@ use serde_json::{Value, json};
 async fn raw_session(s: &TestServer) -> (RawConn, mobile_client_sim::Identity) {
     let (c, id) = s.phone("raw").await;
     c.close().await;
-    let mut r = s.raw().await;
-    let ch = r.recv_frame().await.unwrap();
-    let (key, nonce, ts) = (
-        ch["server_key"].as_str().unwrap(),
-        ch["nonce"].as_str().unwrap(),
-        ch["ts"].as_i64().unwrap(),
-    );
-    let cn = mobile_client_sim::proto::nonce32();
-    let msg = mobile_client_sim::proto::auth_string(key, nonce, &id.device_id(), &cn, ts);
-    r.send_json(&json!({"type": "auth", "protocol": 1, "device_id": id.device_id(), "nonce": nonce, "client_nonce": cn, "ts": ts, "signature": id.sign_device(&msg)}))
-        .await
-        .unwrap();
-    assert_eq!(r.recv_frame().await.unwrap()["type"], "auth_ok");
-    (r, id)
+    (s.raw_authed(&id).await, id)
 }
 
 /// Reads frames until one matches.

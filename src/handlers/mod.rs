@@ -14,6 +14,25 @@ pub mod skills;
 use crate::approvals::register_gated;
 use crate::rpc::{Actions, register};
 
+/// Persists a plugin/skill/task toggle and words the answer
+/// (`"<Label> 'NAME' enabled"`). The caller updates its in-memory copy.
+pub(crate) async fn persist_toggle(
+    state: &crate::state::AppState,
+    kind: crate::storage::toggles::Kind,
+    label: &str,
+    name: &str,
+    enabled: bool,
+) -> crate::rpc::ActionResult {
+    let n = name.to_string();
+    state
+        .db
+        .call(move |c| crate::storage::toggles::set(c, kind, &n, enabled))
+        .await
+        .map_err(|e| crate::protocol::ApiError::internal(e.to_string()))?;
+    let word = if enabled { "enabled" } else { "disabled" };
+    Ok(serde_json::json!({"result": "success", "message": format!("{label} '{name}' {word}")}))
+}
+
 pub fn register_all(m: &mut Actions) {
     register(m, "get_dashboard", dashboard::get_dashboard);
     register(m, "get_config", config::get_config);

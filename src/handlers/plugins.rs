@@ -8,7 +8,7 @@ use serde_json::json;
 use crate::protocol::ApiError;
 use crate::rpc::{ActionResult, Caller, NoParams};
 use crate::state::AppState;
-use crate::storage::toggles::{self, Kind};
+use crate::storage::toggles::Kind;
 
 pub async fn list_plugins(state: Arc<AppState>, _c: Caller, _p: NoParams) -> ActionResult {
     Ok(json!({"result": "plugins", "plugins": state.plugins.list_json()}))
@@ -25,15 +25,9 @@ pub async fn toggle_plugin(state: Arc<AppState>, _c: Caller, p: Toggle) -> Actio
     if state.plugins.get(&p.name).is_none() {
         return Err(ApiError::not_found(format!("no plugin named {:?}", p.name)));
     }
-    let (name, enabled) = (p.name.clone(), p.enabled);
-    state
-        .db
-        .call(move |c| toggles::set(c, Kind::Plugin, &name, enabled))
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let answer = super::persist_toggle(&state, Kind::Plugin, "Plugin", &p.name, p.enabled).await?;
     state.plugins.set_enabled(&p.name, p.enabled);
-    let word = if p.enabled { "enabled" } else { "disabled" };
-    Ok(json!({"result": "success", "message": format!("Plugin '{}' {word}", p.name)}))
+    Ok(answer)
 }
 
 pub async fn reload_plugins(state: Arc<AppState>, _c: Caller, _p: NoParams) -> ActionResult {

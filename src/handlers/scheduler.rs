@@ -9,7 +9,7 @@ use crate::protocol::ApiError;
 use crate::rpc::{ActionResult, Caller, NoParams};
 use crate::scheduler::{executions, start_run};
 use crate::state::AppState;
-use crate::storage::toggles::{self, Kind};
+use crate::storage::toggles::Kind;
 
 pub async fn list_scheduled_tasks(state: Arc<AppState>, _c: Caller, _p: NoParams) -> ActionResult {
     let tasks = state
@@ -33,15 +33,9 @@ pub async fn toggle_task(state: Arc<AppState>, _c: Caller, p: ToggleTask) -> Act
     if state.scheduler.get(&p.name).is_none() {
         return Err(unknown(&p.name));
     }
-    let (name, enabled) = (p.name.clone(), p.enabled);
-    state
-        .db
-        .call(move |c| toggles::set(c, Kind::Task, &name, enabled))
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let answer = super::persist_toggle(&state, Kind::Task, "Task", &p.name, p.enabled).await?;
     state.scheduler.set_enabled(&p.name, p.enabled);
-    let word = if p.enabled { "enabled" } else { "disabled" };
-    Ok(json!({"result": "success", "message": format!("Task '{}' {word}", p.name)}))
+    Ok(answer)
 }
 
 #[derive(Debug, Deserialize)]

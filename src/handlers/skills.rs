@@ -8,7 +8,7 @@ use serde_json::json;
 use crate::protocol::ApiError;
 use crate::rpc::{ActionResult, Caller, NoParams};
 use crate::state::AppState;
-use crate::storage::toggles::{self, Kind};
+use crate::storage::toggles::Kind;
 
 /// Rescans the skills folder, then lists. `failed` (an addition to SPEC §6)
 /// reports SKILL.md files that were skipped, with the reason.
@@ -32,13 +32,7 @@ pub async fn toggle_skill(state: Arc<AppState>, _c: Caller, p: ToggleSkill) -> A
     if !state.skills.exists(&p.id) {
         return Err(ApiError::not_found(format!("no skill {:?}", p.id)));
     }
-    let (id, enabled) = (p.id.clone(), p.enabled);
-    state
-        .db
-        .call(move |c| toggles::set(c, Kind::Skill, &id, enabled))
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let answer = super::persist_toggle(&state, Kind::Skill, "Skill", &p.id, p.enabled).await?;
     state.skills.set_enabled(&p.id, p.enabled);
-    let word = if p.enabled { "enabled" } else { "disabled" };
-    Ok(json!({"result": "success", "message": format!("Skill '{}' {word}", p.id)}))
+    Ok(answer)
 }

@@ -90,28 +90,64 @@ impl VectorIndex {
         true
     }
 
-    /// The `k` best (id, cosine) by exact scan, best first.
+    /// The `k` best (id, cosine) by exact scan, best first. Large indexes
+    /// are scanned in parallel, one slice per core (the scan is bound by
+    /// memory bandwidth; each core adds some).
     pub fn search(&self, query: &[f32], k: usize) -> Vec<(Arc<str>, f32)> {
         assert_eq!(query.len(), DIM, "query dimension");
         if k == 0 {
             return Vec::new();
         }
-        let mut heap: BinaryHeap<Scored> = BinaryHeap::with_capacity(k + 1);
-        for (i, v) in self.vecs.chunks_exact(DIM).enumerate() {
-            let s = dot(query, v);
-            if heap.len() < k {
-                heap.push(Scored(s, i));
-            } else if heap.peek().is_some_and(|w| s > w.0) {
-                heap.pop();
-                heap.push(Scored(s, i));
-            }
-        }
-        let mut out: Vec<Scored> = heap.into_vec();
+        let n = self.len();
+        let threads = if n >= PARALLEL_FROM {
+            std::thread::available_parallelism()
+                .map_or(1, |t| t.get())
+                .min(8)
+        } else {
+            1
+        };
+        let mut out: Vec<Scored> = if threads <= 1 {
+            top_k(&self.vecs, 0, query, k)
+        } else {
+            let per = n.div_ceil(threads);
+            std::thread::scope(|scope| {
+                let parts: Vec<_> = (0..threads)
+                    .map(|t| {
+                        let (lo, hi) = ((t * per).min(n), ((t + 1) * per).min(n));
+                        let slice = &self.vecs[lo * DIM..hi * DIM];
+                        scope.spawn(move || top_k(slice, lo, query, k))
+                    })
+                    .collect();
+                parts
+                    .into_iter()
+                    .flat_map(|h| h.join().expect("scan thread"))
+                    .collect()
+            })
+        };
         out.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        out.truncate(k);
         out.into_iter()
             .map(|Scored(s, i)| (self.ids[i].clone(), s.clamp(-1.0, 1.0)))
             .collect()
     }
+}
+
+/// Indexes at least this large are scanned on several threads.
+const PARALLEL_FROM: usize = 32_768;
+
+/// The best `k` of `vecs` (whose first vector is number `base`), unordered.
+fn top_k(vecs: &[f32], base: usize, query: &[f32], k: usize) -> Vec<Scored> {
+    let mut heap: BinaryHeap<Scored> = BinaryHeap::with_capacity(k + 1);
+    for (i, v) in vecs.chunks_exact(DIM).enumerate() {
+        let s = dot(query, v);
+        if heap.len() < k {
+            heap.push(Scored(s, base + i));
+        } else if heap.peek().is_some_and(|w| s > w.0) {
+            heap.pop();
+            heap.push(Scored(s, base + i));
+        }
+    }
+    heap.into_vec()
 }
 
 /// Dot product: AVX2+FMA when the CPU has them (checked at run time), else
@@ -213,6 +249,26 @@ mod tests {
         let naive: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
         assert!((dot(&a, &b) - naive).abs() < 1e-5);
         assert!((dot_portable(&a, &b) - naive).abs() < 1e-5);
+    }
+
+    #[test]
+    fn parallel_scan_matches_the_serial_one() {
+        let mut idx = VectorIndex::default();
+        for i in 0..(PARALLEL_FROM as u64 + 1000) {
+            idx.insert(&format!("m{i}"), &unit(i));
+        }
+        let q = unit(123_456);
+        let par = idx.search(&q, 25);
+        let serial: Vec<(usize, f32)> = {
+            let mut v: Vec<Scored> = top_k(&idx.vecs, 0, &q, 25);
+            v.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+            v.into_iter().map(|Scored(s, i)| (i, s)).collect()
+        };
+        assert_eq!(par.len(), 25);
+        for ((id, s), (i, s2)) in par.iter().zip(&serial) {
+            assert_eq!(&**id, &*idx.ids[*i]);
+            assert!((s - s2).abs() < 1e-6);
+        }
     }
 
     #[test]

@@ -41,6 +41,35 @@ impl TestServer {
         Self::start_with_config(&format!("{}\n{extra}", model_config())).await
     }
 
+    /// Starts on a data dir the test prepared (plugins, skills, config).
+    pub async fn start_in_dir(dir: tempfile::TempDir) -> TestServer {
+        let handle = start_in(dir.path()).await;
+        let url = handle.url.clone();
+        TestServer {
+            handle: Some(handle),
+            dir,
+            url,
+        }
+    }
+
+    /// A raw connection authenticated as `id`, for sending exact frames.
+    pub async fn raw_authed(&self, id: &Identity) -> RawConn {
+        let mut r = self.raw().await;
+        let ch = r.recv_frame().await.unwrap();
+        let cn = mobile_client_sim::proto::nonce32();
+        let (key, nonce, ts) = (
+            ch["server_key"].as_str().unwrap(),
+            ch["nonce"].as_str().unwrap(),
+            ch["ts"].as_i64().unwrap(),
+        );
+        let msg = mobile_client_sim::proto::auth_string(key, nonce, &id.device_id(), &cn, ts);
+        let auth = serde_json::json!({"type": "auth", "protocol": 1, "device_id": id.device_id(), "nonce": nonce,
+                                      "client_nonce": cn, "ts": ts, "signature": id.sign_device(&msg)});
+        r.send_json(&auth).await.unwrap();
+        assert_eq!(r.recv_frame().await.unwrap()["type"], "auth_ok");
+        r
+    }
+
     pub fn path(&self) -> &Path {
         self.dir.path()
     }
