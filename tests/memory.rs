@@ -420,3 +420,41 @@ async fn a_live_model_dir_change_loads_the_model() {
         "the model loaded after the change: {r}"
     );
 }
+
+#[tokio::test]
+async fn corrupt_model_files_are_a_clear_error_not_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("broken-model");
+    std::fs::create_dir_all(&model).unwrap();
+    for f in [
+        "model.onnx",
+        "tokenizer.json",
+        "config.json",
+        "special_tokens_map.json",
+        "tokenizer_config.json",
+        "libonnxruntime.so",
+    ] {
+        std::fs::write(model.join(f), b"this is not what it claims to be").unwrap();
+    }
+    std::fs::write(
+        dir.path().join("config.toml"),
+        "[memory]\nmodel_dir = \"broken-model\"\n",
+    )
+    .unwrap();
+    let s = TestServer::start_in_dir(dir).await;
+    let (c, _) = s.phone("p").await;
+    let r = c
+        .request("search_memories", json!({"query": "anything"}))
+        .await
+        .unwrap();
+    assert_error(&r, "unavailable");
+    assert!(
+        r["message"].as_str().unwrap().contains("broken-model"),
+        "names the folder: {r}"
+    );
+    // The server is fine.
+    assert_eq!(
+        c.request("get_dashboard", json!({})).await.unwrap()["result"],
+        "dashboard"
+    );
+}

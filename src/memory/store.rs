@@ -177,3 +177,49 @@ pub fn max_rowid(c: &Connection) -> Result<i64, StorageError> {
         })?,
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: &str) -> (Entry, Vec<f32>) {
+        (
+            Entry {
+                id: id.into(),
+                content: "c".into(),
+                category: "note".into(),
+                tags: vec![],
+                confidence: Confidence::Medium,
+                created_at: 1,
+                updated_at: 1,
+            },
+            vec![0.5; 384],
+        )
+    }
+
+    #[test]
+    fn rowids_are_never_reused_so_catch_up_misses_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let db = crate::storage::Db::open(&d.path().join("agent.db")).unwrap();
+        db.blocking(|c| {
+            insert_batch(c, &[entry("a"), entry("b")], "m")?;
+            let seen = max_rowid(c)?;
+            assert!(delete(c, "b")?, "the newest row is deleted");
+            insert_batch(c, &[entry("c")], "m")?;
+            let after = vectors_after(c, seen)?;
+            assert_eq!(
+                after.len(),
+                1,
+                "the new row is after the highest rowid seen"
+            );
+            assert_eq!(after[0].1, "c");
+            assert!(
+                insert_batch(c, &[entry("d"), entry("a")], "m").is_err(),
+                "a duplicate id fails the batch"
+            );
+            assert!(!exists(c, "d")?, "all or nothing");
+            Ok(())
+        })
+        .unwrap();
+    }
+}

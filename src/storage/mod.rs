@@ -76,7 +76,10 @@ const MIGRATIONS: &[&str] = &[
     // 3: memories with their embeddings (a memory never exists without one).
     r#"
     CREATE TABLE memories (
-        id TEXT PRIMARY KEY,
+        -- AUTOINCREMENT: rowids are never reused, so "rows after the highest
+        -- rowid seen" (how the server picks up CLI imports) misses none.
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
         content TEXT NOT NULL,
         category TEXT NOT NULL,
         tags TEXT NOT NULL,            -- JSON array of strings
