@@ -15,6 +15,12 @@ pub struct Clock {
     base: Instant,
 }
 
+impl Default for Clock {
+    fn default() -> Clock {
+        Clock::new()
+    }
+}
+
 impl Clock {
     /// Must be created inside a tokio runtime.
     pub fn new() -> Clock {

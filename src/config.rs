@@ -32,6 +32,7 @@ impl fmt::Debug for Secret {
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
+#[derive(Default)]
 pub struct Config {
     pub server: ServerConfig,
     pub llm: LlmConfig,
@@ -90,20 +91,6 @@ pub struct MemoryConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct ApprovalsConfig {
     pub timeout_secs: u64,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            server: ServerConfig::default(),
-            llm: LlmConfig::default(),
-            scheduler: SchedulerConfig::default(),
-            audit: AuditConfig::default(),
-            memory: MemoryConfig::default(),
-            approvals: ApprovalsConfig::default(),
-            tasks: Vec::new(),
-        }
-    }
 }
 
 impl Default for ServerConfig {

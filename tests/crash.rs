@@ -76,13 +76,12 @@ async fn churn(c: Arc<Client>, id: Identity, victims: Vec<String>) {
         if r.is_err() {
             break;
         }
-        if let Some(v) = victims.get(i) {
-            if c.request("revoke_device", json!({"device_id": v}))
+        if let Some(v) = victims.get(i)
+            && c.request("revoke_device", json!({"device_id": v}))
                 .await
                 .is_err()
-            {
-                break;
-            }
+        {
+            break;
         }
         i += 1;
     }

@@ -47,7 +47,11 @@ async fn a_hundred_concurrent_requests_each_answered_once() {
         assert_eq!(f["type"], "admin_response", "{f}");
         let rid = f["request_id"].as_str().unwrap().to_string();
         let i: usize = rid[1..].parse().unwrap();
-        let want = if i % 2 == 0 { "dashboard" } else { "devices" };
+        let want = if i.is_multiple_of(2) {
+            "dashboard"
+        } else {
+            "devices"
+        };
         assert_eq!(
             f["payload"]["result"], want,
             "response matches its request: {f}"

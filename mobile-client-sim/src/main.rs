@@ -105,7 +105,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn load(state: &PathBuf) -> Result<Identity> {
+fn load(state: &std::path::Path) -> Result<Identity> {
     Identity::load(state).with_context(|| {
         format!(
             "no paired phone in {} (run `mobile-sim pair` first)",

@@ -262,15 +262,15 @@ pub async fn runner(state: Arc<AppState>) {
             .ok()
             .and_then(|(_, slot)| slot);
         let config = state.config();
-        if t.catch_up && sched.is_enabled(t) && config.scheduler.enabled {
-            if let Some(seen) = seen {
-                if next_after(&t.cron, &tz(&config), utc(seen))
-                    .is_some_and(|n| n.timestamp_millis() <= start)
-                {
-                    tracing::info!(task = %t.name, "a slot passed while the server was down: catching up");
-                    let _ = start_run(&state, t, "catch_up").await;
-                }
-            }
+        if t.catch_up
+            && sched.is_enabled(t)
+            && config.scheduler.enabled
+            && let Some(seen) = seen
+            && next_after(&t.cron, &tz(&config), utc(seen))
+                .is_some_and(|n| n.timestamp_millis() <= start)
+        {
+            tracing::info!(task = %t.name, "a slot passed while the server was down: catching up");
+            let _ = start_run(&state, t, "catch_up").await;
         }
         cursor.insert(t.id.clone(), start);
     }
