@@ -8,19 +8,7 @@ use common::{TestServer, audit_now, bin};
 use serde_json::json;
 
 fn verify(dir: &std::path::Path) -> (bool, String) {
-    let out = Command::new(bin())
-        .args(["audit", "verify", "--data-dir"])
-        .arg(dir)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    common::audit_verify(dir)
 }
 
 async fn server_with_history() -> TestServer {

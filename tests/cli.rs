@@ -129,16 +129,7 @@ async fn serve_pair_sigterm_with_requests_in_flight_then_restart() {
     }
 
     // Nothing corrupted: the audit chain verifies and the next start works.
-    let out = Command::new(bin())
-        .args(["audit", "verify", "--data-dir"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_audit_verifies(dir.path());
     let (mut child, code, url) = serve(dir.path());
     assert!(code.is_none(), "a device is paired: no code printed");
     let (c, _) = client::auth(&Endpoint::new(url), &id).await.unwrap();
@@ -149,13 +140,7 @@ async fn serve_pair_sigterm_with_requests_in_flight_then_restart() {
     );
     sigterm(&child);
     assert!(child.wait().unwrap().success());
-    let out = Command::new(bin())
-        .args(["audit", "verify", "--data-dir"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}");
+    common::assert_audit_verifies(dir.path());
     let log = std::fs::read_to_string(dir.path().join("audit/audit.jsonl")).unwrap();
     assert!(
         log.contains("expired_on_restart"),

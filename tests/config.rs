@@ -330,14 +330,5 @@ async fn changing_the_audit_dir_starts_a_new_chain_there() {
     let first: Value = serde_json::from_str(new_log.lines().next().unwrap()).unwrap();
     assert_eq!(first["seq"], 1);
     assert_eq!(first["prev_hash"], "0".repeat(64));
-    let out = std::process::Command::new(common::bin())
-        .args(["audit", "verify", "--data-dir"])
-        .arg(s.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_audit_verifies(s.path());
 }

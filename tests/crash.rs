@@ -112,17 +112,7 @@ fn check_consistent(dir: &std::path::Path) -> Value {
         "comments kept"
     );
     // 3. The audit chain verifies.
-    let out = Command::new(bin())
-        .args(["audit", "verify", "--data-dir"])
-        .arg(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_audit_verifies(dir);
     json!({"interval": n})
 }
 

@@ -171,6 +171,28 @@ pub async fn audit_now(server: &TestServer) -> Vec<Value> {
     server.audit_lines()
 }
 
+/// Runs `secrets-agent audit verify` on `dir`: (success, stdout + stderr).
+pub fn audit_verify(dir: &Path) -> (bool, String) {
+    let out = std::process::Command::new(bin())
+        .args(["audit", "verify", "--data-dir"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// Asserts the audit chain on `dir` verifies.
+#[track_caller]
+pub fn assert_audit_verifies(dir: &Path) {
+    let (ok, text) = audit_verify(dir);
+    assert!(ok, "audit verify failed: {text}");
+}
+
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_secrets-agent"))
 }
