@@ -37,11 +37,9 @@ pub fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
         .suffix(".tmp")
         .tempfile_in(dir)?;
     tmp.write_all(text.as_bytes())?;
+    // The temp file is 0600 (tempfile's default, whatever the umask), and
+    // so is the config after the rename: it may hold secrets (SPEC §3).
     tmp.as_file().sync_all()?;
-    #[cfg(unix)]
-    if let Ok(meta) = std::fs::metadata(path) {
-        let _ = std::fs::set_permissions(tmp.path(), meta.permissions());
-    }
     if take_injected_failure(path) {
         // Dropping `tmp` removes the temp file, as after a failed rename.
         return Err(std::io::Error::other("simulated failure at rename"));
