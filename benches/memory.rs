@@ -170,7 +170,7 @@ fn main() {
         let server = secrets_agent::start(secrets_agent::Options { data_dir: dir.path().into(), listen: Some("127.0.0.1:0".into()), print_pairing_code: false }).await.unwrap();
         let start_ms = t.elapsed().as_secs_f64() * 1e3;
         let st = &server.state;
-        let code = secrets_agent::auth::pairing::create_offer(&st.db, st.clock.now_ms(), 60, st.key.public_b64(), server.url.clone()).unwrap().code;
+        let code = secrets_agent::auth::pairing::create_offer(&st.db, st.clock.now_ms(), 60, &st.key, server.url.clone()).unwrap().code;
         let mut id = mobile_client_sim::Identity::generate("bench", mobile_client_sim::ApprovalAlg::Ed25519);
         let (c, _) = mobile_client_sim::client::pair(&mobile_client_sim::client::Endpoint::new(server.url.clone()), &mut id, &code, None).await.unwrap();
         let _ = c.request("search_memories", serde_json::json!({"query": "warm up", "limit": 10})).await.unwrap();

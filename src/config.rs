@@ -57,6 +57,11 @@ pub struct ServerConfig {
     pub auth_timeout_secs: u64,
     pub auth_failures_per_minute: u32,
     pub pair_failures_per_minute: u32,
+    /// The web companion's origin (SPEC §11), e.g. `https://agent.example.net:7420`;
+    /// default `http(s)://localhost:PORT` when listening on loopback.
+    pub web_origin: Option<String>,
+    /// Further browser origins that may open `/ws` (SPEC §4).
+    pub allowed_origins: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -105,6 +110,8 @@ impl Default for ServerConfig {
             auth_timeout_secs: 10,
             auth_failures_per_minute: 20,
             pair_failures_per_minute: 100,
+            web_origin: None,
+            allowed_origins: Vec::new(),
         }
     }
 }
@@ -221,6 +228,24 @@ impl Config {
             1,
             65536,
         )?;
+        for (i, o) in self
+            .server
+            .web_origin
+            .iter()
+            .chain(self.server.allowed_origins.iter())
+            .enumerate()
+        {
+            if !is_origin(o) {
+                let name = if i == 0 && self.server.web_origin.is_some() {
+                    "server.web_origin".to_string()
+                } else {
+                    "server.allowed_origins".to_string()
+                };
+                return Err(format!(
+                    "{name}: {o:?} is not an origin (scheme://host[:port], http or https, no path)"
+                ));
+            }
+        }
         range(
             "server.max_frame_bytes",
             self.server.max_frame_bytes as u64,
@@ -299,4 +324,18 @@ mod tests {
         assert!(Config::parse("[approvals]\ntimeout_secs = 0\n", Path::new("c")).is_err());
         assert!(Config::parse("[scheduler]\ntimezone = \"Mars/Base\"\n", Path::new("c")).is_err());
     }
+}
+
+/// Whether `o` is a serialised web origin: `http(s)://host[:port]`, lower
+/// case, without path, query or trailing slash (how browsers send `Origin`).
+fn is_origin(o: &str) -> bool {
+    let Some(rest) = o
+        .strip_prefix("https://")
+        .or_else(|| o.strip_prefix("http://"))
+    else {
+        return false;
+    };
+    !rest.is_empty()
+        && !rest.contains(['/', '?', '#', '@', ' '])
+        && rest == rest.to_ascii_lowercase()
 }

@@ -15,7 +15,7 @@ use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Map, Value};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 use tokio::time::{Instant, sleep, timeout};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -23,12 +23,13 @@ use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 
+use crate::admission::Ticket;
 use crate::auth::handshake::{self, Authenticated, Issued};
 use crate::protocol::frames;
 use crate::protocol::inbound::{self, Inbound};
 use crate::protocol::{ApiError, ErrorCode, close};
 use crate::rpc::{Caller, Registry};
-use crate::sessions::{OUTBOX_CAPACITY, Outbound, SessionHandle};
+use crate::sessions::{Outbound, Outbox, OutboxReceiver, SessionHandle};
 use crate::state::AppState;
 
 /// Any byte stream a connection can run on (TCP or TLS over TCP).
@@ -41,9 +42,6 @@ type Ws = WebSocketStream<BoxIo>;
 const PING_EVERY: Duration = Duration::from_secs(20);
 const SILENCE_LIMIT: Duration = Duration::from_secs(60);
 const MAX_HTTP_HEAD: usize = 16 * 1024;
-/// How long a response may wait for room in a full outbox before the session
-/// is closed as a slow consumer.
-const OUTBOX_SEND_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long shutdown waits for a session's in-flight requests.
 const DRAIN_ON_SHUTDOWN: Duration = Duration::from_secs(10);
 /// Per-connection socket buffers (see `upgrade`).
@@ -52,57 +50,100 @@ const WRITE_BUFFER: usize = 4 * 1024;
 /// `retry_after_ms` suggested with `busy`.
 const BUSY_RETRY_MS: u64 = 50;
 
-/// Serves one accepted connection to the end.
-pub async fn serve(state: Arc<AppState>, registry: Registry, io: BoxIo, peer: SocketAddr) {
+/// Bytes a peer may send after the HTTP head and before it authenticates:
+/// one handshake frame of at most [`PRE_AUTH_FRAME`] bytes, its header, and
+/// what a reader buffers ahead of it.
+const PRE_AUTH_BYTES: usize = 8 * 1024;
+/// The largest frame accepted before authentication (SPEC §4 v1.1).
+pub const PRE_AUTH_FRAME: usize = 4 * 1024;
+/// How long the writer may be stuck on a peer that does not read.
+const WRITE_STALL: Duration = Duration::from_secs(30);
+
+/// Serves one accepted connection to the end. `ticket` is its place among
+/// unauthenticated connections, given up once the handshake succeeds.
+pub async fn serve(
+    state: Arc<AppState>,
+    registry: Registry,
+    io: BoxIo,
+    peer: SocketAddr,
+    ticket: Ticket,
+) {
     let cfg = state.config();
     let auth_deadline = Instant::now() + Duration::from_secs(cfg.server.auth_timeout_secs);
+    let budget = PreAuthBudget::new(PRE_AUTH_BYTES);
+    let io: BoxIo = Box::new(Limited {
+        inner: io,
+        budget: budget.clone(),
+    });
+    let origins = OriginPolicy {
+        web_origin: &state.web_origin,
+        allowed: &cfg.server.allowed_origins,
+    };
     let upgraded = tokio::select! {
         // Boxed: a pending future's state lives in the connection task for its
         // whole life, and the upgrade/handshake states are only needed briefly.
-        r = Box::pin(timeout_at(auth_deadline, upgrade(io, cfg.server.max_frame_bytes))) => r,
+        r = Box::pin(timeout_at(auth_deadline, upgrade(io, cfg.server.max_frame_bytes, &origins, &budget))) => r,
+        _ = ticket.evicted.cancelled() => None,
         _ = state.shutdown.cancelled() => return,
     };
-    let Some(Ok(ws)) = upgraded else { return };
+    let ws = match upgraded {
+        Some(Ok(ws)) => ws,
+        // Silent past the deadline, or pushed out by newer connections.
+        None => {
+            state.limiter.record_failure(peer.ip(), false, "timeout");
+            return;
+        }
+        Some(Err(_)) => return,
+    };
     let (sink, mut stream) = ws.split();
-    let (tx, rx) = mpsc::channel::<Outbound>(OUTBOX_CAPACITY);
+    let (outbox, rx) = Outbox::new();
     let (close_tx, close_rx) = tokio::sync::oneshot::channel::<(u16, String)>();
-    let writer = state.tasks.spawn(write_loop(sink, rx, close_rx));
+    let writer = state
+        .tasks
+        .spawn(write_loop(sink, rx, close_rx, outbox.clone()));
     let mut closer = Closer {
         close_tx: Some(close_tx),
     };
 
     let issued = Issued::new(state.clock.now_ms());
-    let _ = tx
-        .send(Outbound::Text(frames::challenge(
-            state.key.public_b64(),
-            &issued.nonce,
-            issued.ts,
-        )))
-        .await;
+    outbox.push(frames::challenge(
+        state.key.public_b64(),
+        &issued.nonce,
+        issued.ts,
+    ));
 
     let authed = tokio::select! {
-        r = Box::pin(handshake_phase(&state, &issued, peer, &mut stream, &tx, &mut closer)) => r,
+        r = Box::pin(handshake_phase(&state, &issued, peer, &mut stream, &outbox, &mut closer, &budget)) => r,
         _ = tokio::time::sleep_until(auth_deadline) => {
+            state.limiter.record_failure(peer.ip(), false, "timeout");
             closer.close(close::AUTH_TIMEOUT, "authentication timeout");
             None
         }
+        _ = ticket.evicted.cancelled() => {
+            state.limiter.record_failure(peer.ip(), false, "timeout");
+            closer.close(close::AUTH_TIMEOUT, "authentication timeout: the server needs the room");
+            None
+        }
+        _ = outbox.closed() => None,
         _ = state.shutdown.cancelled() => {
             closer.close(close::GOING_AWAY, "server shutting down");
             None
         }
     };
+    drop(ticket);
     if let Some(a) = authed {
-        let _ = tx.send(Outbound::Text(a.reply.clone())).await;
+        budget.lift();
+        outbox.push(a.reply.clone());
         let mut session = Session::new(
             state.clone(),
             registry,
             &a,
-            tx.clone(),
+            outbox.clone(),
             cfg.server.max_in_flight,
         );
         session.run(&mut stream, &mut closer).await;
     }
-    drop(tx);
+    drop(outbox);
     // Let the writer send the close frame, and keep reading meanwhile so the
     // peer's unread bytes do not turn our FIN into a reset.
     let drain = async { while let Some(Ok(_)) = stream.next().await {} };
@@ -112,6 +153,114 @@ pub async fn serve(state: Arc<AppState>, registry: Registry, io: BoxIo, peer: So
         })
     })
     .await;
+}
+
+/// The bytes a connection may still read before it authenticates; lifted
+/// (unlimited) once it has.
+#[derive(Clone)]
+struct PreAuthBudget(Arc<AtomicUsize>);
+
+impl PreAuthBudget {
+    fn new(n: usize) -> Self {
+        PreAuthBudget(Arc::new(AtomicUsize::new(n)))
+    }
+    fn lift(&self) {
+        self.0.store(usize::MAX, Ordering::Relaxed);
+    }
+    fn exhausted(&self) -> bool {
+        self.0.load(Ordering::Relaxed) == 0
+    }
+}
+
+/// A stream that refuses to read beyond its [`PreAuthBudget`]: a peer that
+/// has not authenticated cannot make the server buffer a large frame.
+struct Limited {
+    inner: BoxIo,
+    budget: PreAuthBudget,
+}
+
+impl AsyncRead for Limited {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let left = self.budget.0.load(Ordering::Relaxed);
+        if left == usize::MAX {
+            return std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        }
+        if left == 0 {
+            return std::task::Poll::Ready(Err(std::io::Error::other(
+                "pre-authentication read limit",
+            )));
+        }
+        let n = left.min(buf.remaining());
+        let mut limited = buf.take(n);
+        let poll = std::pin::Pin::new(&mut self.inner).poll_read(cx, &mut limited);
+        let read = limited.filled().len();
+        if read > 0 {
+            // SAFETY: `read` bytes were initialised and filled by the inner read.
+            unsafe { buf.assume_init(read) };
+            buf.advance(read);
+            let _ = self
+                .budget
+                .0
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                    (v != usize::MAX).then(|| v.saturating_sub(read))
+                });
+        }
+        poll
+    }
+}
+
+impl AsyncWrite for Limited {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// Which browser origins may open `/ws` (SPEC §4, §11): requests without an
+/// `Origin` header (native clients) always may.
+pub struct OriginPolicy<'a> {
+    pub web_origin: &'a str,
+    pub allowed: &'a [String],
+}
+
+impl OriginPolicy<'_> {
+    /// Origins are compared as whole strings, port included.
+    pub fn allows(&self, origin: &[u8]) -> bool {
+        let Ok(origin) = std::str::from_utf8(origin) else {
+            return false;
+        };
+        (!self.web_origin.is_empty() && origin == self.web_origin)
+            || self.allowed.iter().any(|a| a == origin)
+    }
 }
 
 async fn timeout_at<F: std::future::Future>(deadline: Instant, f: F) -> Option<F::Output> {
@@ -132,8 +281,17 @@ impl Closer {
 }
 
 /// Reads the HTTP request head; answers 404 for any path but `/ws`, 426 for
-/// a non-upgrade request, and 101 to a WebSocket upgrade.
-async fn upgrade(mut io: BoxIo, max_frame_bytes: usize) -> std::io::Result<Ws> {
+/// a non-upgrade request, 403 for a foreign `Origin`, and 101 to a
+/// WebSocket upgrade.
+async fn upgrade(
+    mut io: BoxIo,
+    max_frame_bytes: usize,
+    origins: &OriginPolicy<'_>,
+    budget: &PreAuthBudget,
+) -> std::io::Result<Ws> {
+    // The HTTP head has its own limit; the pre-auth budget counts from the
+    // first WebSocket byte.
+    let saved = budget.0.swap(usize::MAX, Ordering::Relaxed);
     let mut buf = Vec::with_capacity(1024);
     let head_len = loop {
         let mut chunk = [0u8; 2048];
@@ -174,6 +332,19 @@ async fn upgrade(mut io: BoxIo, max_frame_bytes: usize) -> std::io::Result<Ws> {
             .find(|h| h.name.eq_ignore_ascii_case(name))
             .map(|h| h.value)
     };
+    if let Some(origin) = header("origin")
+        && !origins.allows(origin)
+    {
+        let body = "this origin may not open the WebSocket\n";
+        let resp = format!(
+            "HTTP/1.1 403 Forbidden\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        io.write_all(resp.as_bytes()).await?;
+        let _ = io.shutdown().await;
+        tracing::debug!(origin = %String::from_utf8_lossy(origin), "upgrade from a foreign origin refused");
+        return Err(std::io::ErrorKind::PermissionDenied.into());
+    }
     let is_upgrade = header("upgrade").is_some_and(|v| v.eq_ignore_ascii_case(b"websocket"));
     let key = header("sec-websocket-key");
     let version_ok = header("sec-websocket-version") == Some(b"13".as_slice());
@@ -193,6 +364,12 @@ async fn upgrade(mut io: BoxIo, max_frame_bytes: usize) -> std::io::Result<Ws> {
     );
     io.write_all(resp.as_bytes()).await?;
     let leftover = buf[head_len..].to_vec();
+    if leftover.len() > PRE_AUTH_BYTES {
+        return Err(std::io::ErrorKind::InvalidData.into());
+    }
+    budget
+        .0
+        .store(saved.saturating_sub(leftover.len()), Ordering::Relaxed);
     // Small buffers: tungstenite's 128 KiB defaults cost ~140 KB per idle
     // session. Frames larger than the read buffer still arrive whole.
     let config = WebSocketConfig::default()
@@ -203,52 +380,63 @@ async fn upgrade(mut io: BoxIo, max_frame_bytes: usize) -> std::io::Result<Ws> {
     Ok(WebSocketStream::from_partially_read(io, leftover, Role::Server, Some(config)).await)
 }
 
-/// Writes queued frames, flushing once per batch, then the close frame.
+/// Writes queued frames, flushing once per batch, then the close frame. A
+/// peer that does not read for [`WRITE_STALL`] is dropped: the writer ends,
+/// its queued frames are freed and the connection is closed.
 async fn write_loop(
     mut sink: SplitSink<Ws, Message>,
-    mut rx: mpsc::Receiver<Outbound>,
+    mut rx: OutboxReceiver,
     mut close_rx: tokio::sync::oneshot::Receiver<(u16, String)>,
+    outbox: Outbox,
 ) {
     let to_msg = |o: Outbound| match o {
         Outbound::Text(t) => Message::text(t),
         Outbound::Ping => Message::Ping(Default::default()),
     };
+    // Each write must make progress within WRITE_STALL.
+    macro_rules! io {
+        ($e:expr) => {
+            match timeout(WRITE_STALL, $e).await {
+                Ok(Ok(v)) => v,
+                Ok(Err(_)) => {
+                    outbox.close(close::GOING_AWAY);
+                    return;
+                }
+                Err(_) => {
+                    tracing::warn!("peer stopped reading: dropping the connection");
+                    outbox.close(close::SLOW_CONSUMER);
+                    return;
+                }
+            }
+        };
+    }
     loop {
         tokio::select! {
             biased;
             first = rx.recv() => {
                 let Some(first) = first else { break };
-                if sink.feed(to_msg(first)).await.is_err() {
-                    return;
-                }
+                rx.release(&first);
+                io!(sink.feed(to_msg(first)));
                 let mut n = 1;
                 while n < 256 {
-                    match rx.try_recv() {
-                        Ok(o) => {
-                            if sink.feed(to_msg(o)).await.is_err() {
-                                return;
-                            }
-                            n += 1;
-                        }
-                        Err(_) => break,
-                    }
+                    let Some(o) = rx.try_recv() else { break };
+                    rx.release(&o);
+                    io!(sink.feed(to_msg(o)));
+                    n += 1;
                 }
-                if sink.flush().await.is_err() {
-                    return;
-                }
+                io!(sink.flush());
             }
             c = &mut close_rx => {
                 // Send what is already queued (e.g. an auth_error), then close.
-                while let Ok(o) = rx.try_recv() {
-                    if sink.feed(to_msg(o)).await.is_err() {
-                        return;
-                    }
+                while let Some(o) = rx.try_recv() {
+                    rx.release(&o);
+                    io!(sink.feed(to_msg(o)));
                 }
                 if let Ok((code, reason)) = c {
                     let frame = CloseFrame { code: CloseCode::from(code), reason: reason.into() };
-                    let _ = sink.send(Message::Close(Some(frame))).await;
+                    io!(sink.send(Message::Close(Some(frame))));
                 }
-                let _ = sink.flush().await;
+                let _ = timeout(WRITE_STALL, sink.flush()).await;
                 return;
             }
         }
@@ -259,11 +447,11 @@ async fn write_loop(
             code: CloseCode::from(code),
             reason: reason.into(),
         };
-        let _ = sink.send(Message::Close(Some(frame))).await;
-        let _ = sink.flush().await;
+        let _ = timeout(WRITE_STALL, sink.send(Message::Close(Some(frame)))).await;
+        let _ = timeout(WRITE_STALL, sink.flush()).await;
         return;
     }
-    let _ = sink.close().await;
+    let _ = timeout(WRITE_STALL, sink.close()).await;
 }
 
 /// Reads until the handshake succeeds or fails.
@@ -272,8 +460,9 @@ async fn handshake_phase(
     issued: &Issued,
     peer: SocketAddr,
     stream: &mut SplitStream<Ws>,
-    tx: &mpsc::Sender<Outbound>,
+    outbox: &Outbox,
     closer: &mut Closer,
+    budget: &PreAuthBudget,
 ) -> Option<Authenticated> {
     while let Some(msg) = stream.next().await {
         let text = match msg {
@@ -286,13 +475,21 @@ async fn handshake_phase(
                 closer.close(close::TOO_BIG, "frame too large");
                 return None;
             }
+            Err(_) if budget.exhausted() => {
+                closer.close(close::TOO_BIG, "frame too large before authentication");
+                return None;
+            }
             Err(_) => return None,
         };
+        if text.len() > PRE_AUTH_FRAME {
+            closer.close(close::TOO_BIG, "frame too large before authentication");
+            return None;
+        }
         return match handshake::handle(state, issued, peer.ip(), text.as_str()).await {
             Ok(a) => Some(a),
             Err(refused) => {
                 // Queued before the close request, so the writer sends it first.
-                let _ = tx.send(Outbound::Text(refused.frame())).await;
+                outbox.push(refused.frame());
                 closer.close(close::AUTH_FAILED, refused.code.as_str());
                 None
             }
@@ -356,7 +553,7 @@ struct Session {
     state: Arc<AppState>,
     registry: Registry,
     handle: Arc<SessionHandle>,
-    tx: mpsc::Sender<Outbound>,
+    outbox: Outbox,
     inflight: Arc<InFlight>,
     max_in_flight: usize,
 }
@@ -366,19 +563,19 @@ impl Session {
         state: Arc<AppState>,
         registry: Registry,
         a: &Authenticated,
-        tx: mpsc::Sender<Outbound>,
+        outbox: Outbox,
         max_in_flight: usize,
     ) -> Session {
         let handle = Arc::new(SessionHandle::new(
             a.session_id.as_str().into(),
             a.device_id.as_str().into(),
-            tx.clone(),
+            outbox.clone(),
         ));
         Session {
             state,
             registry,
             handle,
-            tx,
+            outbox,
             inflight: Arc::default(),
             max_in_flight,
         }
@@ -410,7 +607,7 @@ impl Session {
                     break;
                 }
                 _ = ping.tick() => {
-                    let _ = self.tx.try_send(Outbound::Ping);
+                    self.outbox.ping();
                 }
                 msg = stream.next() => {
                     silence.as_mut().reset(Instant::now() + SILENCE_LIMIT);
@@ -435,8 +632,10 @@ impl Session {
         tracing::info!(session = %self.handle.session_id, "session ended");
     }
 
+    /// The session loop's own replies never wait: a peer that does not
+    /// read them is closed as a slow consumer.
     async fn send(&self, frame: String) {
-        let _ = self.tx.send(Outbound::Text(frame)).await;
+        self.outbox.push(frame);
     }
 
     async fn on_text(&self, text: &str) {
@@ -493,16 +692,15 @@ impl Session {
                 .await;
         }
         let caller = self.caller(&key);
-        let (state, registry, tx, inflight, handle) = (
+        let (state, registry, outbox, inflight) = (
             self.state.clone(),
             self.registry.clone(),
-            self.tx.clone(),
+            self.outbox.clone(),
             self.inflight.clone(),
-            self.handle.clone(),
         );
         self.state.tasks.spawn(async move {
             let out = registry.call(&state, &action, params, caller).await;
-            deliver(&tx, &handle, respond(out, &key, &id)).await;
+            outbox.deliver(respond(out, &key, &id)).await;
             inflight.remove(jsonrpc, &key);
         });
     }
@@ -527,16 +725,5 @@ fn refusal(code: ErrorCode, max: usize) -> ApiError {
             code,
             "a request with this id is still in flight on this session",
         ),
-    }
-}
-
-/// Queues a response; a session that does not make room in time is closed.
-async fn deliver(tx: &mpsc::Sender<Outbound>, handle: &SessionHandle, frame: String) {
-    if let Err(mpsc::error::SendTimeoutError::Timeout(_)) = tx
-        .send_timeout(Outbound::Text(frame), OUTBOX_SEND_TIMEOUT)
-        .await
-    {
-        tracing::warn!(session = %handle.session_id, "response not taken in time: closing slow session");
-        handle.close(close::SLOW_CONSUMER);
     }
 }

@@ -4,6 +4,7 @@
 //!
 //! See ARCHITECTURE.md for the map. The entry point is [`server::start`].
 
+pub mod admission;
 pub mod approvals;
 pub mod auth;
 pub mod clock;
@@ -14,6 +15,7 @@ pub mod handlers;
 pub mod logging;
 pub mod memory;
 pub mod plugins;
+pub mod private_fs;
 pub mod protocol;
 pub mod rpc;
 pub mod scheduler;

@@ -217,7 +217,7 @@ fn pair(dir: DataDir, ttl_secs: u64, json: bool) -> Result<ExitCode> {
         },
         config.server.listen
     );
-    let offer = create_offer(&db, system_now_ms(), ttl_secs, key.public_b64(), fallback)?;
+    let offer = create_offer(&db, system_now_ms(), ttl_secs, &key, fallback)?;
     cli_audit(&dir, &db, &config, "cli.pair_code_created", "ok")?;
     if json {
         println!("{}", offer.to_json());

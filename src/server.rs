@@ -13,6 +13,7 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls;
 
+use crate::admission::Admission;
 use crate::auth::keys::{KeyError, ServerKey};
 use crate::auth::pairing::{LISTEN_URL_KEY, create_offer};
 use crate::config::{Config, ConfigError, DEFAULT_CONFIG_TOML};
@@ -22,8 +23,8 @@ use crate::rpc::{self, Registry};
 use crate::state::{AppState, DataDir};
 use crate::storage::{Db, StorageError, devices};
 
-/// Connections served at once; further ones wait in the kernel's backlog.
-pub const MAX_CONNECTIONS: usize = 20_000;
+/// How often failed handshakes are written to the audit log, in aggregate.
+const FAILURE_REPORT_EVERY: Duration = Duration::from_secs(60);
 /// How often sessions of devices revoked by the CLI are looked for (SPEC: within 5 s).
 const REVOCATION_POLL: Duration = Duration::from_secs(2);
 
@@ -97,9 +98,12 @@ impl ServerHandle {
 }
 
 /// Creates the data dir layout (SPEC §3) and the commented default config.
+/// The directory is private (0700) and everything this process creates from
+/// here on is 0600 (see `private_fs`).
 pub fn prepare_data_dir(dir: &DataDir) -> Result<(), StartError> {
+    crate::private_fs::set_private_umask();
     let mk = |p: PathBuf| {
-        std::fs::create_dir_all(&p).map_err(|source| StartError::DataDir {
+        crate::private_fs::create_private_dir(&p).map_err(|source| StartError::DataDir {
             path: p.display().to_string(),
             source,
         })
@@ -115,6 +119,11 @@ pub fn prepare_data_dir(dir: &DataDir) -> Result<(), StartError> {
             source,
         })?;
     }
+    // An older data dir, or one loosened by hand: tighten what we know of.
+    let audit_dir = Config::load(&cfg)
+        .map(|c| dir.resolve(&c.audit.dir))
+        .unwrap_or_else(|_| dir.root.join("audit"));
+    crate::private_fs::tighten_known_files(&dir.root, &audit_dir);
     Ok(())
 }
 
@@ -154,7 +163,17 @@ pub async fn start(opts: Options) -> Result<ServerHandle, StartError> {
     let url = format!("{}://{addr}/ws", if tls.is_some() { "wss" } else { "ws" });
     db.set_meta(LISTEN_URL_KEY, url.clone()).await?;
 
-    let state = Arc::new(AppState::new(dir, config, db, key));
+    let web_origin = config.server.web_origin.clone().unwrap_or_else(|| {
+        if addr.ip().is_loopback() {
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            format!("{scheme}://localhost:{}", addr.port())
+        } else {
+            String::new()
+        }
+    });
+    let mut state = AppState::new(dir, config, db, key);
+    state.web_origin = web_origin;
+    let state = Arc::new(state);
     crate::approvals::expire_stale_on_start(&state).await;
     tracing::info!(%url, server_key = state.key.public_b64(), "listening");
 
@@ -166,7 +185,7 @@ pub async fn start(opts: Options) -> Result<ServerHandle, StartError> {
                 &state.db,
                 state.clock.now_ms(),
                 300,
-                state.key.public_b64(),
+                &state.key,
                 url.clone(),
             )?;
             println!(
@@ -182,6 +201,7 @@ pub async fn start(opts: Options) -> Result<ServerHandle, StartError> {
     let registry = rpc::build(state.clone());
     let actions = registry.action_names();
     state.tasks.spawn(watch_revocations(state.clone()));
+    state.tasks.spawn(report_failures(state.clone()));
     state.tasks.spawn(crate::memory::watch(state.clone()));
     state.tasks.spawn(crate::scheduler::runner(state.clone()));
     let accept = tokio::spawn(accept_loop(listener, state.clone(), registry, tls));
@@ -226,7 +246,17 @@ async fn accept_loop(
     registry: Registry,
     tls: Option<TlsAcceptor>,
 ) {
-    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    // Connections served at once, sized from the open-file limit (raised to
+    // its hard maximum); further ones wait in the kernel's backlog. Half of
+    // them may be unauthenticated, a few per peer (see `admission`).
+    let capacity = crate::admission::connection_capacity();
+    let permits = Arc::new(Semaphore::new(capacity));
+    let admission = Admission::new(crate::admission::PER_PEER, (capacity / 2).max(16));
+    tracing::info!(
+        connections = capacity,
+        unauthenticated = admission.total(),
+        "connection limits"
+    );
     loop {
         let permit = tokio::select! {
             p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
@@ -244,6 +274,12 @@ async fn accept_loop(
             },
             _ = state.shutdown.cancelled() => break,
         };
+        // A peer holding its share of unauthenticated connections gets no
+        // more: closed at once (not counted as a failure).
+        let Some(ticket) = admission.admit(peer.ip()) else {
+            tracing::debug!(%peer, "too many unauthenticated connections from this peer");
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let (state2, registry2, tls2) = (state.clone(), registry.clone(), tls.clone());
         state.tasks.spawn(async move {
@@ -251,16 +287,38 @@ async fn accept_loop(
                 None => Box::new(tcp),
                 Some(acc) => {
                     let timeout = Duration::from_secs(state2.config().server.auth_timeout_secs);
-                    match tokio::time::timeout(timeout, acc.accept(tcp)).await {
+                    let accepted = tokio::select! {
+                        r = tokio::time::timeout(timeout, acc.accept(tcp)) => r,
+                        _ = ticket.evicted.cancelled() => return,
+                    };
+                    match accepted {
                         Ok(Ok(s)) => Box::new(s),
-                        _ => return,
+                        Ok(Err(_)) => return,
+                        Err(_) => {
+                            state2.limiter.record_failure(peer.ip(), false, "timeout");
+                            return;
+                        }
                     }
                 }
             };
-            connection::serve(state2, registry2, io, peer).await;
+            connection::serve(state2, registry2, io, peer, ticket).await;
             drop(permit);
         });
     }
+}
+
+/// Writes failed handshakes to the audit log once a minute, in aggregate
+/// (one record per peer), and a last time at shutdown.
+async fn report_failures(state: Arc<AppState>) {
+    let mut tick = tokio::time::interval(FAILURE_REPORT_EVERY);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => crate::auth::handshake::report_failures(&state).await,
+            _ = state.shutdown.cancelled() => break,
+        }
+    }
+    crate::auth::handshake::report_failures(&state).await;
 }
 
 /// Closes sessions of devices revoked by another process (the CLI).

@@ -1,12 +1,20 @@
 //! Live authenticated sessions: who is connected, and a bounded outbox to
 //! reach each one (events, approval requests, forced close).
+//!
+//! An outbox is bounded in frames and in bytes: events and the session
+//! loop's own replies never wait (a session that cannot take them is closed
+//! as a slow consumer, 1013); responses may wait for room, but only while
+//! what the session holds stays under a hard byte cap and for at most
+//! [`RESPONSE_WAIT`]. So a peer that stops reading costs the server at most
+//! [`OUTBOX_HARD_BYTES`] before it is dropped.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::protocol::close;
@@ -18,52 +26,226 @@ pub enum Outbound {
     Ping,
 }
 
-/// Capacity of each connection's outbox. Responses wait for room; events
-/// that find it full close the session instead of growing memory.
+impl Outbound {
+    fn len(&self) -> usize {
+        match self {
+            Outbound::Text(t) => t.len(),
+            Outbound::Ping => 0,
+        }
+    }
+}
+
+/// Frames an outbox holds at most.
 pub const OUTBOX_CAPACITY: usize = 1024;
+/// Bytes queued for the writer at most (one larger frame may be queued alone).
+pub const OUTBOX_BYTES: usize = 8 * 1024 * 1024;
+/// Bytes queued plus bytes of responses waiting for room, at most: beyond,
+/// the session is closed at once.
+pub const OUTBOX_HARD_BYTES: usize = 16 * 1024 * 1024;
+/// How long a response may wait for room before the session is closed.
+pub const RESPONSE_WAIT: Duration = Duration::from_secs(30);
+
+#[derive(Debug)]
+struct OutboxShared {
+    queued_bytes: AtomicUsize,
+    waiting_bytes: AtomicUsize,
+    room: Notify,
+    kill: CancellationToken,
+    close_code: AtomicU16,
+}
+
+/// The sending side of a connection's outbox (cheap to clone).
+#[derive(Debug, Clone)]
+pub struct Outbox {
+    tx: mpsc::Sender<Outbound>,
+    shared: Arc<OutboxShared>,
+}
+
+/// The writer's side: frames, and the accounting it releases as it writes.
+#[derive(Debug)]
+pub struct OutboxReceiver {
+    rx: mpsc::Receiver<Outbound>,
+    shared: Arc<OutboxShared>,
+}
+
+impl OutboxReceiver {
+    pub async fn recv(&mut self) -> Option<Outbound> {
+        self.rx.recv().await
+    }
+    pub fn try_recv(&mut self) -> Option<Outbound> {
+        self.rx.try_recv().ok()
+    }
+    /// The writer has written (or dropped) `o`: its bytes are free again.
+    pub fn release(&self, o: &Outbound) {
+        self.shared
+            .queued_bytes
+            .fetch_sub(o.len(), Ordering::SeqCst);
+        self.shared.room.notify_waiters();
+    }
+}
+
+impl Outbox {
+    pub fn new() -> (Outbox, OutboxReceiver) {
+        let (tx, rx) = mpsc::channel(OUTBOX_CAPACITY);
+        let shared = Arc::new(OutboxShared {
+            queued_bytes: AtomicUsize::new(0),
+            waiting_bytes: AtomicUsize::new(0),
+            room: Notify::new(),
+            kill: CancellationToken::new(),
+            close_code: AtomicU16::new(0),
+        });
+        (
+            Outbox {
+                tx,
+                shared: shared.clone(),
+            },
+            OutboxReceiver { rx, shared },
+        )
+    }
+
+    /// Queues `o` if it fits in the byte budget and the frame capacity.
+    fn try_queue(&self, o: Outbound) -> Result<(), Outbound> {
+        let len = o.len();
+        let s = &self.shared;
+        let prev = s.queued_bytes.fetch_add(len, Ordering::SeqCst);
+        if prev > 0 && prev + len > OUTBOX_BYTES {
+            s.queued_bytes.fetch_sub(len, Ordering::SeqCst);
+            return Err(o);
+        }
+        match self.tx.try_send(o) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                s.queued_bytes.fetch_sub(len, Ordering::SeqCst);
+                Err(e.into_inner())
+            }
+        }
+    }
+
+    /// Queues a frame without waiting; a session that cannot take it is
+    /// closed as a slow consumer. False if it was not queued.
+    pub fn push(&self, text: String) -> bool {
+        if self.is_closed() {
+            return false;
+        }
+        match self.try_queue(Outbound::Text(text)) {
+            Ok(()) => true,
+            Err(_) => {
+                tracing::warn!("outbox full: closing a slow session");
+                self.close(close::SLOW_CONSUMER);
+                false
+            }
+        }
+    }
+
+    /// A ping, if there is room (never waits, never closes).
+    pub fn ping(&self) {
+        let _ = self.try_queue(Outbound::Ping);
+    }
+
+    /// Queues a response, waiting for room while the session holds less than
+    /// [`OUTBOX_HARD_BYTES`] and for at most [`RESPONSE_WAIT`]; otherwise the
+    /// session is closed as a slow consumer and the frame dropped.
+    pub async fn deliver(&self, text: String) {
+        let len = text.len();
+        let mut o = Outbound::Text(text);
+        let deadline = tokio::time::Instant::now() + RESPONSE_WAIT;
+        let s = &self.shared;
+        let mut waiting = false;
+        loop {
+            if self.is_closed() {
+                break;
+            }
+            let room = s.room.notified();
+            match self.try_queue(o) {
+                Ok(()) => break,
+                Err(back) => o = back,
+            }
+            if !waiting {
+                let held = s.queued_bytes.load(Ordering::SeqCst)
+                    + s.waiting_bytes.fetch_add(len, Ordering::SeqCst);
+                waiting = true;
+                if held + len > OUTBOX_HARD_BYTES {
+                    tracing::warn!("a session holds too much unread data: closing it");
+                    self.close(close::SLOW_CONSUMER);
+                    break;
+                }
+            }
+            tokio::select! {
+                _ = room => {}
+                _ = tokio::time::sleep_until(deadline) => {
+                    tracing::warn!("response not taken in time: closing a slow session");
+                    self.close(close::SLOW_CONSUMER);
+                    break;
+                }
+                _ = s.kill.cancelled() => break,
+            }
+        }
+        if waiting {
+            s.waiting_bytes.fetch_sub(len, Ordering::SeqCst);
+        }
+    }
+
+    /// Asks the connection to close with `code` (the first code wins).
+    pub fn close(&self, code: u16) {
+        let _ =
+            self.shared
+                .close_code
+                .compare_exchange(0, code, Ordering::SeqCst, Ordering::SeqCst);
+        self.shared.kill.cancel();
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.shared.kill.is_cancelled()
+    }
+
+    pub fn closed(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.shared.kill.cancelled()
+    }
+
+    pub fn close_code(&self) -> u16 {
+        self.shared.close_code.load(Ordering::SeqCst)
+    }
+
+    /// Bytes queued for the writer now.
+    pub fn queued_bytes(&self) -> usize {
+        self.shared.queued_bytes.load(Ordering::SeqCst)
+    }
+}
 
 #[derive(Debug)]
 pub struct SessionHandle {
     pub session_id: Arc<str>,
     pub device_id: Arc<str>,
-    pub outbox: mpsc::Sender<Outbound>,
-    kill: CancellationToken,
-    close_code: AtomicU16,
+    pub outbox: Outbox,
 }
 
 impl SessionHandle {
-    pub fn new(session_id: Arc<str>, device_id: Arc<str>, outbox: mpsc::Sender<Outbound>) -> Self {
+    pub fn new(session_id: Arc<str>, device_id: Arc<str>, outbox: Outbox) -> Self {
         SessionHandle {
             session_id,
             device_id,
             outbox,
-            kill: CancellationToken::new(),
-            close_code: AtomicU16::new(0),
         }
     }
 
     /// Asks the connection to close with `code`.
     pub fn close(&self, code: u16) {
-        let _ = self
-            .close_code
-            .compare_exchange(0, code, Ordering::SeqCst, Ordering::SeqCst);
-        self.kill.cancel();
+        self.outbox.close(code);
     }
 
     pub fn closed(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
-        self.kill.cancelled()
+        self.outbox.closed()
     }
 
     pub fn close_code(&self) -> u16 {
-        self.close_code.load(Ordering::SeqCst)
+        self.outbox.close_code()
     }
 
     /// Queues an event; a session too slow to take it is closed (it will get
     /// pending approvals again when it reconnects).
     pub fn push_event(&self, text: String) {
-        if self.outbox.try_send(Outbound::Text(text)).is_err() {
-            tracing::warn!(session = %self.session_id, "outbox full: closing slow session");
-            self.close(close::SLOW_CONSUMER);
+        if !self.outbox.push(text) {
+            tracing::debug!(session = %self.session_id, "event dropped: session closing");
         }
     }
 }
@@ -166,8 +348,59 @@ mod tests {
     use super::*;
 
     fn handle(session: &str, device: &str) -> Arc<SessionHandle> {
-        let (tx, _rx) = mpsc::channel(1);
-        Arc::new(SessionHandle::new(session.into(), device.into(), tx))
+        let (outbox, _rx) = Outbox::new();
+        Arc::new(SessionHandle::new(session.into(), device.into(), outbox))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_outbox_is_bounded_in_bytes() {
+        let (outbox, mut rx) = Outbox::new();
+        let big = "x".repeat(1024 * 1024);
+        for _ in 0..8 {
+            assert!(outbox.push(big.clone()));
+        }
+        assert_eq!(outbox.queued_bytes(), OUTBOX_BYTES);
+        // A response waits for room; the writer frees some.
+        let o2 = outbox.clone();
+        let waiter = tokio::spawn(async move { o2.deliver("y".repeat(1000)).await });
+        tokio::task::yield_now().await;
+        let first = rx.recv().await.unwrap();
+        rx.release(&first);
+        waiter.await.unwrap();
+        assert!(!outbox.is_closed());
+        // An event that does not fit closes the session at once.
+        assert!(!outbox.push(big.clone()));
+        assert!(outbox.is_closed());
+        assert_eq!(outbox.close_code(), close::SLOW_CONSUMER);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn responses_beyond_the_hard_cap_close_at_once_and_waits_time_out() {
+        let (outbox, _rx) = Outbox::new();
+        let mb = "x".repeat(1024 * 1024);
+        for _ in 0..8 {
+            outbox.deliver(mb.clone()).await;
+        }
+        // Waiting responses count against the hard cap.
+        let mut waiters = Vec::new();
+        for _ in 0..7 {
+            let o = outbox.clone();
+            let m = mb.clone();
+            waiters.push(tokio::spawn(async move { o.deliver(m).await }));
+        }
+        tokio::task::yield_now().await;
+        assert!(!outbox.is_closed(), "15 MiB held is within the cap");
+        outbox.deliver("y".repeat(2 * 1024 * 1024)).await;
+        assert!(outbox.is_closed(), "17 MiB held is not");
+        for w in waiters {
+            w.await.unwrap();
+        }
+        let (slow, _rx2) = Outbox::new();
+        for _ in 0..8 {
+            slow.deliver(mb.clone()).await;
+        }
+        slow.deliver(mb.clone()).await; // waits 30 s (paused clock), then closes
+        assert!(slow.is_closed());
     }
 
     #[test]

@@ -72,6 +72,10 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// Every task the server spawns; shutdown waits for them.
     pub tasks: TaskTracker,
+    /// The web companion's origin (SPEC §11): `server.web_origin`, else
+    /// `http(s)://localhost:PORT` on loopback, else empty (no page may open
+    /// `/ws` but `server.allowed_origins`). Set at start, once bound.
+    pub web_origin: String,
 }
 
 impl std::fmt::Debug for AppState {
@@ -120,6 +124,7 @@ impl AppState {
             skills,
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            web_origin: String::new(),
         }
     }
 

@@ -455,7 +455,7 @@ async fn wss_with_a_configured_certificate() {
         &st.db,
         st.clock.now_ms(),
         60,
-        st.key.public_b64(),
+        &st.key,
         h.url.clone(),
     )
     .unwrap()

@@ -38,15 +38,9 @@ async fn pair_admin_and_watch_with_approvals() {
     .unwrap();
     let st = &server.state;
     let code = |ttl| {
-        create_offer(
-            &st.db,
-            st.clock.now_ms(),
-            ttl,
-            st.key.public_b64(),
-            server.url.clone(),
-        )
-        .unwrap()
-        .code
+        create_offer(&st.db, st.clock.now_ms(), ttl, &st.key, server.url.clone())
+            .unwrap()
+            .code
     };
     let (phone, watcher) = (dir.path().join("phone"), dir.path().join("watcher"));
 

@@ -9,10 +9,11 @@ use super::keys::{
     AUTH_LABEL, ApprovalAlg, PAIR_LABEL, b64, device_id_for, random_bytes, signed_string, unb64,
     verify_ed25519,
 };
+use super::pairing::code_hash;
 use crate::protocol::AuthErrorCode;
 use crate::protocol::frames::{self, PROTOCOL};
 use crate::state::AppState;
-use crate::storage::devices::{self, NewDevice};
+use crate::storage::devices::{self, NewDevice, Paired};
 
 /// The challenge issued on this connection.
 #[derive(Debug, Clone)]
@@ -192,7 +193,10 @@ async fn fail(
     device: Option<&str>,
     r: Refused,
 ) -> Result<Authenticated, Refused> {
-    state.limiter.record_failure(peer, pairing);
+    // Counted for the rate limit and tallied for the aggregate audit record
+    // (`report_failures`): a flood of failures writes one record per peer per
+    // minute, not one record and one log line each.
+    state.limiter.record_failure(peer, pairing, r.code.as_str());
     if pairing && matches!(r.code, E::InvalidCode | E::BadSignature) {
         let now = state.clock.now_ms();
         match state
@@ -208,16 +212,66 @@ async fn fail(
             Err(e) => tracing::error!(error = %e, "cannot count a failed pairing"),
         }
     }
-    let action = if pairing {
-        "handshake.pair"
-    } else {
-        "handshake.auth"
-    };
-    tracing::info!(%peer, code = r.code.as_str(), action, "handshake refused");
-    state
-        .audit(device, action, None, r.code.as_str(), None)
-        .await;
+    tracing::debug!(%peer, code = r.code.as_str(), pairing, device, "handshake refused");
     Err(r)
+}
+
+/// Writes the failed handshakes tallied since the last call as audit
+/// records, one per peer (`handshake.failures`, outcome
+/// `"N failed from PEER: code:n,..."`), and one log line in all.
+pub async fn report_failures(state: &AppState) {
+    let report = state.limiter.take_report();
+    if report.peers.is_empty() && report.other_failures == 0 {
+        return;
+    }
+    let total: u64 = report.peers.iter().map(|(_, t)| t.count).sum::<u64>() + report.other_failures;
+    tracing::warn!(
+        peers = report.peers.len(),
+        failures = total,
+        "failed handshakes since the last report"
+    );
+    for (peer, t) in &report.peers {
+        let outcome = format!("{} failed from {peer}: {}", t.count, t.codes_text());
+        state
+            .audit(None, "handshake.failures", None, &outcome, None)
+            .await;
+    }
+    if report.other_failures > 0 {
+        let outcome = format!("{} failed from other peers", report.other_failures);
+        state
+            .audit(None, "handshake.failures", None, &outcome, None)
+            .await;
+    }
+}
+
+/// Refused for a storage failure: the detail goes to the log, not the peer.
+fn storage_refusal(e: crate::storage::StorageError) -> Refused {
+    tracing::error!(error = %e, "storage error during a handshake");
+    Refused::new(
+        E::InvalidRequest,
+        "the server could not complete the handshake; try again",
+    )
+}
+
+/// Why a device name is refused (SPEC §4 v1.1), if it is: empty, over 64
+/// characters, or holding a control character (Unicode Cc) or a
+/// bidirectional override, embedding, isolate or mark character, any of
+/// which can make a name display as something else in a list.
+pub fn device_name_problem(name: &str) -> Option<&'static str> {
+    const BIDI: &[char] = &[
+        '\u{202A}', '\u{202B}', '\u{202C}', '\u{202D}', '\u{202E}', '\u{2066}', '\u{2067}',
+        '\u{2068}', '\u{2069}', '\u{200E}', '\u{200F}', '\u{061C}',
+    ];
+    if name.is_empty() {
+        return Some("`device_name` must not be empty");
+    }
+    if name.chars().count() > 64 {
+        return Some("`device_name` must have at most 64 characters");
+    }
+    if name.chars().any(|c| c.is_control() || BIDI.contains(&c)) {
+        return Some("`device_name` must not hold control or bidirectional-override characters");
+    }
+    None
 }
 
 type Failed = (Option<String>, Refused);
@@ -246,12 +300,7 @@ async fn auth(state: &AppState, issued: &Issued, f: &Value) -> Result<Authentica
         .db
         .call(move |c| devices::get_device(c, &id))
         .await
-        .map_err(|e| {
-            no_dev(Refused::new(
-                E::InvalidRequest,
-                format!("storage error: {e}"),
-            ))
-        })?;
+        .map_err(|e| no_dev(storage_refusal(e)))?;
     let Some(device) = device else {
         return Err((
             None,
@@ -301,11 +350,8 @@ async fn pair(state: &AppState, issued: &Issued, f: &Value) -> Result<Authentica
         .map_err(no_dev)?
         .trim()
         .to_string();
-    if device_name.is_empty() || device_name.chars().count() > 128 {
-        return Err(no_dev(Refused::new(
-            E::InvalidRequest,
-            "`device_name` must have 1 to 128 characters",
-        )));
+    if let Some(problem) = device_name_problem(&device_name) {
+        return Err(no_dev(Refused::new(E::InvalidRequest, problem)));
     }
     let device_pk_s = str_field(f, "device_public_key").map_err(no_dev)?;
     let device_pk = b64_field(f, "device_public_key", Some(32)).map_err(no_dev)?;
@@ -343,18 +389,25 @@ async fn pair(state: &AppState, issued: &Issued, f: &Value) -> Result<Authentica
             format!("`approval_public_key` must be {want}"),
         )));
     }
+    if approval_pk == device_pk {
+        return Err(no_dev(Refused::new(
+            E::InvalidRequest,
+            "the approval key must differ from the device key: the biometric gate would otherwise be the session key",
+        )));
+    }
     let client_nonce = str_field(f, "client_nonce").map_err(no_dev)?;
     b64_field(f, "client_nonce", Some(32)).map_err(no_dev)?;
     let signature = b64_field(f, "signature", None).map_err(no_dev)?;
     let approval_signature = b64_field(f, "approval_signature", None).map_err(no_dev)?;
 
     let now = state.clock.now_ms();
-    let c2 = code.clone();
+    let hash = code_hash(state.key.pairing_code_key(), &code);
+    let h2 = hash.clone();
     let live = state
         .db
-        .call(move |c| devices::code_is_live(c, &c2, now))
+        .call(move |c| devices::code_is_live(c, &h2, now))
         .await
-        .unwrap_or(false);
+        .map_err(|e| no_dev(storage_refusal(e)))?;
     if !live {
         return Err(no_dev(Refused::new(
             E::InvalidCode,
@@ -388,19 +441,24 @@ async fn pair(state: &AppState, issued: &Issued, f: &Value) -> Result<Authentica
     };
     let stored = state
         .db
-        .call(move |c| devices::complete_pairing(c, &code, now, &new))
+        .call(move |c| devices::complete_pairing(c, &hash, now, &new))
         .await
-        .map_err(|e| {
-            no_dev(Refused::new(
+        .map_err(|e| no_dev(storage_refusal(e)))?;
+    match stored {
+        Paired::Stored(_) => {}
+        Paired::CodeGone => {
+            return Err(no_dev(Refused::new(
+                E::InvalidCode,
+                "the pairing code was used meanwhile",
+            )));
+        }
+        Paired::KeyMismatch => {
+            tracing::warn!(device = %device_id, "pairing refused: a device with this id holds another public key");
+            return Err(no_dev(Refused::new(
                 E::InvalidRequest,
-                format!("storage error: {e}"),
-            ))
-        })?;
-    if stored.is_none() {
-        return Err(no_dev(Refused::new(
-            E::InvalidCode,
-            "the pairing code was used meanwhile",
-        )));
+                "a device with this id is paired with another public key",
+            )));
+        }
     }
     tracing::info!(device = %device_id, alg = alg.as_str(), "device paired");
     let session_id = new_session_id();

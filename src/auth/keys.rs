@@ -51,6 +51,34 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 pub struct ServerKey {
     signing: SigningKey,
     public_b64: String,
+    pairing_code_key: PairingCodeKey,
+}
+
+/// The key of the pairing codes' keyed hash (HMAC-SHA256), derived from the
+/// server's seed: it lives in `server.key`, never in `agent.db`, so a copy of
+/// the database does not let anyone test guesses against a live code.
+#[derive(Clone)]
+pub struct PairingCodeKey([u8; 32]);
+
+impl std::fmt::Debug for PairingCodeKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PairingCodeKey([redacted])")
+    }
+}
+
+impl PairingCodeKey {
+    /// hex HMAC-SHA256(key, message).
+    pub fn mac_hex(&self, message: &[u8]) -> String {
+        hmac_sha256_hex(&self.0, message)
+    }
+}
+
+/// Lowercase hex HMAC-SHA256.
+pub fn hmac_sha256_hex(key: &[u8], message: &[u8]) -> String {
+    use hmac::{Hmac, Mac};
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes any key length");
+    mac.update(message);
+    hex::encode(mac.finalize().into_bytes())
 }
 
 impl std::fmt::Debug for ServerKey {
@@ -114,15 +142,24 @@ impl ServerKey {
     pub fn from_seed(seed: [u8; 32]) -> ServerKey {
         let signing = SigningKey::from_bytes(&seed);
         let public_b64 = b64(signing.verifying_key().as_bytes());
+        let derived = hmac_sha256_hex(&seed, b"secrets-agent/v1/pairing-code-key");
+        let mut pairing_code_key = [0u8; 32];
+        hex::decode_to_slice(derived, &mut pairing_code_key).expect("64 hex chars");
         ServerKey {
             signing,
             public_b64,
+            pairing_code_key: PairingCodeKey(pairing_code_key),
         }
     }
 
     /// The public key as it appears in frames (`server_key`).
     pub fn public_b64(&self) -> &str {
         &self.public_b64
+    }
+
+    /// The key pairing codes are hashed with.
+    pub fn pairing_code_key(&self) -> &PairingCodeKey {
+        &self.pairing_code_key
     }
 
     /// Signs the AUTH_OK string for a session (SPEC §4).

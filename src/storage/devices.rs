@@ -3,7 +3,7 @@
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::StorageError;
-use crate::auth::keys::{ApprovalAlg, random_bytes, sha256_hex};
+use crate::auth::keys::ApprovalAlg;
 
 /// Failed pairing attempts after which every live code is burnt (SPEC §4).
 pub const MAX_PAIR_FAILURES: i64 = 5;
@@ -98,51 +98,32 @@ pub struct NewDevice {
     pub approval_key_alg: ApprovalAlg,
 }
 
-const CODE_ALPHABET: &[u8] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
-
-/// The form a code is looked up by: upper case, no dashes or spaces.
-fn normalize_code(code: &str) -> String {
-    code.chars()
-        .filter(|c| *c != '-' && !c.is_whitespace())
-        .collect::<String>()
-        .to_ascii_uppercase()
-}
-
-fn code_hash(code: &str) -> String {
-    sha256_hex(normalize_code(code).as_bytes())
-}
-
-/// Creates a one-time code `XXXX-XXXX` (Crockford base32, 40 bits). Only its
-/// hash is stored.
-pub fn create_pairing_code(
+/// Stores a pairing code by its keyed hash (`auth::pairing::code_hash`);
+/// returns its expiry. The code itself never reaches the database.
+pub fn insert_pairing_code(
     c: &Connection,
+    code_hash: &str,
     now_ms: i64,
     ttl_secs: u64,
-) -> Result<(String, i64), StorageError> {
-    let raw = random_bytes::<8>();
-    let chars: String = raw
-        .iter()
-        .map(|b| CODE_ALPHABET[(*b as usize) % 32] as char)
-        .collect();
-    let code = format!("{}-{}", &chars[..4], &chars[4..]);
+) -> Result<i64, StorageError> {
     let expires_at = now_ms + (ttl_secs as i64) * 1000;
     c.execute(
         "INSERT INTO pairing_codes(code_hash, created_at, expires_at) VALUES (?1, ?2, ?3)",
-        params![code_hash(&code), now_ms, expires_at],
+        params![code_hash, now_ms, expires_at],
     )?;
     // Keep the table small: forget codes that can no longer be used.
     c.execute(
         "DELETE FROM pairing_codes WHERE state != 'live' OR expires_at < ?1",
         [now_ms - 86_400_000],
     )?;
-    Ok((code, expires_at))
+    Ok(expires_at)
 }
 
-/// Whether `code` is live: known, unused, unexpired, not burnt.
-pub fn code_is_live(c: &Connection, code: &str, now_ms: i64) -> Result<bool, StorageError> {
+/// Whether the code with this hash is live: known, unused, unexpired, not burnt.
+pub fn code_is_live(c: &Connection, code_hash: &str, now_ms: i64) -> Result<bool, StorageError> {
     let n: i64 = c.query_row(
         "SELECT COUNT(*) FROM pairing_codes WHERE code_hash = ?1 AND state = 'live' AND expires_at > ?2 AND failures < ?3",
-        params![code_hash(code), now_ms, MAX_PAIR_FAILURES],
+        params![code_hash, now_ms, MAX_PAIR_FAILURES],
         |r| r.get(0),
     )?;
     Ok(n > 0)
@@ -161,29 +142,41 @@ pub fn record_pair_failure(c: &Connection, now_ms: i64) -> Result<usize, Storage
     )?)
 }
 
-/// Uses `code` and stores the device, in one transaction. A public key that
-/// is already paired (even revoked) gets the new name and approval key and
-/// is active again. Returns None if the code is no longer live.
+/// What `complete_pairing` did.
+#[derive(Debug)]
+pub enum Paired {
+    Stored(Device),
+    /// The code was used, expired or burnt meanwhile.
+    CodeGone,
+    /// A row with this device id holds another public key: left unchanged.
+    KeyMismatch,
+}
+
+/// Uses the code with hash `code_hash` and stores the device, in one
+/// transaction. A public key that is already paired (even revoked) gets the
+/// new name and approval key and is active again; a row is only ever updated
+/// by the public key it holds.
 pub fn complete_pairing(
     c: &mut Connection,
-    code: &str,
+    code_hash: &str,
     now_ms: i64,
     dev: &NewDevice,
-) -> Result<Option<Device>, StorageError> {
+) -> Result<Paired, StorageError> {
     let tx = c.transaction()?;
     let used = tx.execute(
         "UPDATE pairing_codes SET state = 'used' WHERE code_hash = ?1 AND state = 'live' AND expires_at > ?2 AND failures < ?3",
-        params![code_hash(code), now_ms, MAX_PAIR_FAILURES],
+        params![code_hash, now_ms, MAX_PAIR_FAILURES],
     )?;
     if used == 0 {
-        return Ok(None);
+        return Ok(Paired::CodeGone);
     }
     tx.execute(
         "INSERT INTO devices(device_id, device_name, public_key, approval_public_key, approval_key_alg, paired_at, last_seen, revoked)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, 0)
          ON CONFLICT(device_id) DO UPDATE SET device_name = excluded.device_name,
              approval_public_key = excluded.approval_public_key, approval_key_alg = excluded.approval_key_alg,
-             last_seen = excluded.last_seen, revoked = 0",
+             last_seen = excluded.last_seen, revoked = 0
+         WHERE devices.public_key = excluded.public_key",
         params![
             dev.device_id,
             dev.device_name,
@@ -194,8 +187,14 @@ pub fn complete_pairing(
         ],
     )?;
     let device = get_device(&tx, &dev.device_id)?;
-    tx.commit()?;
-    Ok(device)
+    match device {
+        Some(d) if d.public_key == dev.public_key => {
+            tx.commit()?;
+            Ok(Paired::Stored(d))
+        }
+        // Rolled back: the code stays live for the real phone.
+        _ => Ok(Paired::KeyMismatch),
+    }
 }
 
 #[cfg(test)]
@@ -210,42 +209,52 @@ mod tests {
     }
 
     #[test]
-    fn codes_are_stored_hashed_and_normalised() {
+    fn five_failures_burn_every_live_code() {
         let (_d, db) = db();
         db.blocking(|c| {
-            let (code, _) = create_pairing_code(c, 1000, 300)?;
-            let stored: String =
-                c.query_row("SELECT code_hash FROM pairing_codes", [], |r| r.get(0))?;
-            assert!(!stored.contains(&code[..4]));
-            assert!(code_is_live(c, &code, 2000)?);
-            assert!(code_is_live(
-                c,
-                &code.to_lowercase().replace('-', ""),
-                2000
-            )?);
-            assert!(!code_is_live(c, &code, 1000 + 300_000)?, "expired");
+            insert_pairing_code(c, "a", 0, 300)?;
+            insert_pairing_code(c, "b", 0, 300)?;
+            for _ in 0..4 {
+                assert_eq!(record_pair_failure(c, 1)?, 0);
+            }
+            assert!(code_is_live(c, "a", 1)?);
+            assert_eq!(record_pair_failure(c, 1)?, 2);
+            assert!(!code_is_live(c, "a", 1)? && !code_is_live(c, "b", 1)?);
+            insert_pairing_code(c, "fresh", 2, 300)?;
+            assert!(
+                code_is_live(c, "fresh", 3)?,
+                "a code made after the burn is live"
+            );
             Ok(())
         })
         .unwrap();
     }
 
     #[test]
-    fn five_failures_burn_every_live_code() {
+    fn a_row_is_updated_only_by_its_own_public_key() {
         let (_d, db) = db();
+        let dev = |pk: u8, name: &str| NewDevice {
+            device_id: "dev1".into(),
+            device_name: name.into(),
+            public_key: vec![pk; 32],
+            approval_public_key: vec![pk + 1; 32],
+            approval_key_alg: ApprovalAlg::Ed25519,
+        };
+        let mut db2 = db.clone();
+        let _ = &mut db2;
         db.blocking(|c| {
-            let (a, _) = create_pairing_code(c, 0, 300)?;
-            let (b, _) = create_pairing_code(c, 0, 300)?;
-            for _ in 0..4 {
-                assert_eq!(record_pair_failure(c, 1)?, 0);
-            }
-            assert!(code_is_live(c, &a, 1)?);
-            assert_eq!(record_pair_failure(c, 1)?, 2);
-            assert!(!code_is_live(c, &a, 1)? && !code_is_live(c, &b, 1)?);
-            let (fresh, _) = create_pairing_code(c, 2, 300)?;
-            assert!(
-                code_is_live(c, &fresh, 3)?,
-                "a code made after the burn is live"
-            );
+            insert_pairing_code(c, "c1", 0, 300)?;
+            insert_pairing_code(c, "c2", 0, 300)?;
+            insert_pairing_code(c, "c3", 0, 300)?;
+            assert!(matches!(complete_pairing(c, "c1", 1, &dev(1, "phone"))?, Paired::Stored(_)));
+            assert!(matches!(
+                complete_pairing(c, "c2", 2, &dev(7, "attacker"))?,
+                Paired::KeyMismatch
+            ));
+            let d = get_device(c, "dev1")?.unwrap();
+            assert_eq!((d.device_name.as_str(), d.public_key[0], d.approval_public_key[0]), ("phone", 1, 2));
+            assert!(code_is_live(c, "c2", 3)?, "a refused pairing does not use the code");
+            assert!(matches!(complete_pairing(c, "c3", 3, &dev(1, "renamed"))?, Paired::Stored(d) if d.device_name == "renamed"));
             Ok(())
         })
         .unwrap();

@@ -118,6 +118,11 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (kind, name)
     );
     "#,
+    // 6: pairing codes are stored as a keyed hash (HMAC, key derived from
+    // server.key); codes hashed the old way (plain SHA-256) are dropped.
+    r#"
+    DELETE FROM pairing_codes;
+    "#,
 ];
 
 /// The schema version this build writes.

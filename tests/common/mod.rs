@@ -89,15 +89,9 @@ impl TestServer {
 
     pub fn code_with_ttl(&self, ttl: u64) -> String {
         let st = &self.handle().state;
-        create_offer(
-            &st.db,
-            st.clock.now_ms(),
-            ttl,
-            st.key.public_b64(),
-            self.url.clone(),
-        )
-        .unwrap()
-        .code
+        create_offer(&st.db, st.clock.now_ms(), ttl, &st.key, self.url.clone())
+            .unwrap()
+            .code
     }
 
     pub fn server_key(&self) -> String {
