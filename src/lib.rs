@@ -24,5 +24,6 @@ pub mod sessions;
 pub mod skills;
 pub mod state;
 pub mod storage;
+pub mod tls;
 
 pub use server::{Options, ServerHandle, StartError, start};

@@ -217,7 +217,8 @@ fn pair(dir: DataDir, ttl_secs: u64, json: bool) -> Result<ExitCode> {
         },
         config.server.listen
     );
-    let offer = create_offer(&db, system_now_ms(), ttl_secs, &key, fallback)?;
+    let mut offer = create_offer(&db, system_now_ms(), ttl_secs, &key, fallback)?;
+    offer.tls_spki_sha256 = secrets_agent::tls::spki_sha256(&dir, &config)?;
     cli_audit(&dir, &db, &config, "cli.pair_code_created", "ok")?;
     if json {
         println!("{}", offer.to_json());
@@ -226,6 +227,9 @@ fn pair(dir: DataDir, ttl_secs: u64, json: bool) -> Result<ExitCode> {
         println!("  expires:    {}", rfc3339_ms(offer.expires_at_ms));
         println!("  server key: {}", offer.server_key);
         println!("  url:        {}", offer.url);
+        if let Some(pin) = &offer.tls_spki_sha256 {
+            println!("  tls pin:    {pin}");
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -237,10 +241,13 @@ fn devices_list(dir: DataDir) -> Result<ExitCode> {
         println!("No devices are paired. Run `secrets-agent pair` to make a pairing code.");
     }
     for d in list {
+        // A name comes from a phone: shown escaped, so control or bidi
+        // characters (refused since v1.1, but maybe stored earlier) cannot
+        // move the cursor or reorder the line.
         println!(
             "{}  {:<24}  {:<7}  paired {}  last seen {}{}",
-            d.device_id,
-            d.device_name,
+            escape(&d.device_id),
+            escape(&d.device_name),
             d.approval_key_alg.as_str(),
             rfc3339_ms(d.paired_at),
             d.last_seen
@@ -339,4 +346,19 @@ fn audit_verify(dir: DataDir) -> Result<ExitCode> {
             Ok(ExitCode::FAILURE)
         }
     }
+}
+
+/// `s` with control, bidi and other invisible format characters escaped as
+/// `\u{..}`, for printing text that came from a device.
+fn escape(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            let format_char = matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{061C}' | '\u{FEFF}');
+            if c.is_control() || format_char {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }

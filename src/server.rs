@@ -11,7 +11,6 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
-use tokio_rustls::rustls;
 
 use crate::admission::Admission;
 use crate::auth::keys::{KeyError, ServerKey};
@@ -134,7 +133,7 @@ pub async fn start(opts: Options) -> Result<ServerHandle, StartError> {
     if let Some(l) = &opts.listen {
         config.server.listen = l.clone();
     }
-    let tls = tls_acceptor(&dir, &config)?;
+    let tls = crate::tls::acceptor(&dir, &config)?;
     let addrs: Vec<SocketAddr> = tokio::net::lookup_host(&config.server.listen)
         .await
         .map_err(|source| StartError::Resolve {
@@ -212,32 +211,6 @@ pub async fn start(opts: Options) -> Result<ServerHandle, StartError> {
         actions,
         accept,
     })
-}
-
-fn tls_acceptor(dir: &DataDir, config: &Config) -> Result<Option<TlsAcceptor>, StartError> {
-    let (Some(cert), Some(key)) = (&config.server.tls_cert, &config.server.tls_key) else {
-        return Ok(None);
-    };
-    let (cert, key) = (dir.resolve(cert), dir.resolve(key));
-    let read = |p: &PathBuf| {
-        std::fs::read(p).map_err(|e| StartError::Tls(format!("cannot read {}: {e}", p.display())))
-    };
-    let cert_pem = read(&cert)?;
-    let key_pem = read(&key)?;
-    let certs = rustls_pemfile::certs(&mut cert_pem.as_slice())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| StartError::Tls(format!("{}: {e}", cert.display())))?;
-    let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
-        .map_err(|e| StartError::Tls(format!("{}: {e}", key.display())))?
-        .ok_or_else(|| StartError::Tls(format!("{}: no private key found", key.display())))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let cfg = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| StartError::Tls(e.to_string()))?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| StartError::Tls(e.to_string()))?;
-    Ok(Some(TlsAcceptor::from(Arc::new(cfg))))
 }
 
 async fn accept_loop(
