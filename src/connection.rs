@@ -393,20 +393,12 @@ async fn write_loop(
         Outbound::Text(t) => Message::text(t),
         Outbound::Ping => Message::Ping(Default::default()),
     };
-    // Each write must make progress within WRITE_STALL.
+    // Each write must make progress within WRITE_STALL, and stops at once
+    // when the session is closed as a slow consumer.
     macro_rules! io {
         ($e:expr) => {
-            match timeout(WRITE_STALL, $e).await {
-                Ok(Ok(v)) => v,
-                Ok(Err(_)) => {
-                    outbox.close(close::GOING_AWAY);
-                    return;
-                }
-                Err(_) => {
-                    tracing::warn!("peer stopped reading: dropping the connection");
-                    outbox.close(close::SLOW_CONSUMER);
-                    return;
-                }
+            if !guarded(&outbox, $e).await {
+                return;
             }
         };
     }
@@ -436,7 +428,7 @@ async fn write_loop(
                     let frame = CloseFrame { code: CloseCode::from(code), reason: reason.into() };
                     io!(sink.send(Message::Close(Some(frame))));
                 }
-                let _ = timeout(WRITE_STALL, sink.flush()).await;
+                io!(sink.flush());
                 return;
             }
         }
@@ -452,6 +444,39 @@ async fn write_loop(
         return;
     }
     let _ = timeout(WRITE_STALL, sink.close()).await;
+}
+
+/// Runs one write of the writer; false if the writer must stop (the write
+/// failed, stalled for [`WRITE_STALL`], or the session was closed as a slow
+/// consumer — its queued frames are then freed with the writer).
+async fn guarded<T, E>(outbox: &Outbox, write: impl std::future::Future<Output = Result<T, E>>) -> bool {
+    tokio::pin!(write);
+    let stall = sleep(WRITE_STALL);
+    tokio::pin!(stall);
+    let mut watch_close = true;
+    loop {
+        tokio::select! {
+            r = &mut write => {
+                if r.is_err() {
+                    outbox.close(close::GOING_AWAY);
+                }
+                return r.is_ok();
+            }
+            _ = &mut stall => {
+                tracing::warn!("peer stopped reading: dropping the connection");
+                outbox.close(close::SLOW_CONSUMER);
+                return false;
+            }
+            _ = outbox.closed(), if watch_close => {
+                if outbox.close_code() == close::SLOW_CONSUMER {
+                    return false;
+                }
+                // Another close (revocation, shutdown): finish the write so
+                // the close frame can follow.
+                watch_close = false;
+            }
+        }
+    }
 }
 
 /// Reads until the handshake succeeds or fails.
