@@ -1,15 +1,22 @@
 //! Resource hardening of memory (issue 10): a `search_memories` flood is
-//! bounded (`busy` at once beyond it) and does not starve another device.
-//! Real server, real sockets, real SQLite, the real model.
+//! bounded (`busy` at once beyond it) and does not starve another device;
+//! the ONNX Runtime library is loaded only from the path fixed at start,
+//! never from a `memory.model_dir` set over the wire. Real server, real
+//! sockets, real SQLite, the real model.
 
 mod common;
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{TestServer, assert_error};
+use mobile_client_sim::{Client, Identity};
 use secrets_agent::memory::MAX_ADMITTED;
-use serde_json::json;
+use secrets_agent::memory::embedder::{MODEL_FILES, ORT_LIBRARY};
+use serde_json::{Value, json};
+
+const T: Duration = Duration::from_secs(30);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_search_flood_is_bounded_and_another_device_is_served_promptly() {
@@ -87,4 +94,117 @@ async fn a_search_flood_is_bounded_and_another_device_is_served_promptly() {
         .unwrap();
     assert_eq!(r["result"], "memory_search", "{r}");
     assert_eq!(r["results"].as_array().unwrap().len(), 3);
+}
+
+/// A folder holding the test model's files (symlinks), and `lib` as
+/// `libonnxruntime.so` when given.
+fn model_copy(lib: Option<&[u8]>) -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    for f in MODEL_FILES {
+        std::os::unix::fs::symlink(common::model_dir().join(f), d.path().join(f)).unwrap();
+    }
+    if let Some(bytes) = lib {
+        std::fs::write(d.path().join(ORT_LIBRARY), bytes).unwrap();
+    }
+    d
+}
+
+/// `update_config` section `memory`, approved on the phone.
+async fn set_model_dir(c: Arc<Client>, id: &Identity, dir: &Path) {
+    let dir = dir.display().to_string();
+    let c2 = c.clone();
+    let h = tokio::spawn(async move {
+        c2.request(
+            "update_config",
+            json!({"section": "memory", "value": {"model_dir": dir}}),
+        )
+        .await
+        .unwrap()
+    });
+    let req = c
+        .wait_event(T, |f| f["type"] == "approval_request")
+        .await
+        .unwrap();
+    c.answer_approval(id, &req, "approve").await.unwrap();
+    assert_eq!(h.await.unwrap()["result"], "success");
+}
+
+fn start_library(s: &TestServer) -> PathBuf {
+    s.handle().state.memory.embedder.library().to_path_buf()
+}
+
+#[tokio::test]
+async fn the_onnx_library_is_never_loaded_from_a_folder_set_over_the_wire() {
+    // At start, model_dir has the model files but no library: memory is
+    // unavailable, and the library's path is fixed to that folder.
+    let at_start = model_copy(None);
+    let s = TestServer::start_with_config(&format!(
+        "[memory]\nmodel_dir = {:?}\n",
+        at_start.path().display().to_string()
+    ))
+    .await;
+    let fixed = at_start.path().join(ORT_LIBRARY);
+    assert_eq!(start_library(&s), fixed);
+    let (c, id) = s.phone("p").await;
+    let c = Arc::new(c);
+    let r = c
+        .request("create_memory", json!({"content": "x"}))
+        .await
+        .unwrap();
+    assert_error(&r, "unavailable");
+
+    // Over the wire, model_dir moves to a folder holding a real, loadable
+    // ONNX Runtime: loading it would make memory work. It must not be loaded.
+    let real = std::fs::read(common::model_dir().join(ORT_LIBRARY)).unwrap();
+    let wired = model_copy(Some(&real));
+    set_model_dir(c.clone(), &id, wired.path()).await;
+    let r = c
+        .request("create_memory", json!({"content": "x"}))
+        .await
+        .unwrap();
+    assert_error(&r, "unavailable");
+    let msg = r["message"].as_str().unwrap();
+    assert!(
+        msg.contains(&fixed.display().to_string()),
+        "names the library fixed at start: {msg}"
+    );
+    assert!(
+        !msg.contains(&wired.path().join(ORT_LIBRARY).display().to_string()),
+        "never the one in the new folder: {msg}"
+    );
+    assert_eq!(start_library(&s), fixed);
+}
+
+#[tokio::test]
+async fn model_files_may_move_and_a_library_beside_them_is_ignored() {
+    let s = TestServer::start_with_memory("").await;
+    let fixed = common::model_dir().join(ORT_LIBRARY);
+    assert_eq!(start_library(&s), fixed);
+    let (c, id) = s.phone("p").await;
+    let c = Arc::new(c);
+    let r = c
+        .request(
+            "create_memory",
+            json!({"content": "the cat sleeps on the sofa"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r["result"], "memory", "{r}");
+
+    // The new folder's "library" is junk: loading it would fail.
+    let wired = model_copy(Some(b"not a shared library"));
+    set_model_dir(c.clone(), &id, wired.path()).await;
+    let r: Value = c
+        .request(
+            "search_memories",
+            json!({"query": "where is the cat", "limit": 1}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        r["result"], "memory_search",
+        "the model reloaded from the new folder: {r}"
+    );
+    assert_eq!(r["results"].as_array().unwrap().len(), 1);
+    assert_eq!(start_library(&s), fixed);
 }
