@@ -682,4 +682,40 @@ mod tests {
         let r = verify(&d.path().join("audit"), &db).unwrap();
         assert_eq!(r.records, 3);
     }
+
+    #[test]
+    fn dropped_records_are_counted_and_stated_once_writing_recovers() {
+        let d = tempfile::tempdir().unwrap();
+        let db = Db::open(&d.path().join("agent.db")).unwrap();
+        let dir = d.path().join("audit");
+        let health = Arc::new(AuditHealth::default());
+        let mut st = Writer {
+            w: ChainWriter::new(dir.clone(), db.clone()),
+            batch: vec![entry("first", None, None)],
+            health: health.clone(),
+        };
+        assert!(st.write(None));
+        // The directory becomes a file: nothing can be written.
+        std::fs::rename(&dir, d.path().join("moved")).unwrap();
+        std::fs::write(&dir, "x").unwrap();
+        assert!(!st.check(1), "the probe sees it before any record is lost");
+        assert_eq!(health.lost(), 0);
+        st.batch = vec![entry("a", None, None), entry("b", None, None)];
+        assert!(!st.write(None));
+        assert!(!st.check(2), "still broken: the lost record is not written");
+        assert!(health.is_failing());
+        assert_eq!(health.lost(), 2);
+        std::fs::remove_file(&dir).unwrap();
+        std::fs::rename(d.path().join("moved"), &dir).unwrap();
+        assert!(st.check(3), "the check writes the audit.lost record");
+        assert!(!health.is_failing());
+        assert_eq!(health.lost(), 0);
+        let text = std::fs::read_to_string(dir.join(LOG_FILE)).unwrap();
+        let last: Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+        assert_eq!(
+            (last["seq"].as_u64(), &last["action"], &last["outcome"]),
+            (Some(2), &Value::from(LOST_ACTION), &Value::from("lost:2"))
+        );
+        assert_eq!(verify(&dir, &db).unwrap().records, 2);
+    }
 }
