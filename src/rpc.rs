@@ -21,6 +21,32 @@ use crate::protocol::{ApiError, ErrorCode};
 use crate::state::AppState;
 use crate::storage::audit::jcs_digest;
 
+/// Actions that only read. They still answer while the audit log cannot be
+/// written (their records are then counted in the next `audit.lost`);
+/// every other action, gated ones included, is refused with `unavailable`.
+/// A new action is state-changing unless it is added here.
+pub const READ_ONLY_ACTIONS: &[&str] = &[
+    "get_dashboard",
+    "get_config",
+    "list_devices",
+    "list_approvals",
+    "list_plugins",
+    "list_skills",
+    "list_scheduled_tasks",
+    "list_task_executions",
+    "list_memories",
+    "search_memories",
+];
+
+/// Whether `action` only reads (see [`READ_ONLY_ACTIONS`]).
+pub fn is_read_only(action: &str) -> bool {
+    READ_ONLY_ACTIONS.contains(&action)
+}
+
+/// The audit record's `action` for a name no action is registered under;
+/// `params_digest` is then the JCS digest of `{"action": NAME, "params": PARAMS}`.
+pub const UNKNOWN_ACTION_RECORD: &str = "unknown_action";
+
 /// Who is calling: reaches every handler through `Extensions`.
 #[derive(Debug, Clone)]
 pub struct Caller {
@@ -157,6 +183,12 @@ impl Registry {
 
     /// Runs `action` with `params` (an object without `action`) for `caller`,
     /// and audits the outcome. Ok is the payload object's JSON text.
+    ///
+    /// Fails closed: an action not in [`READ_ONLY_ACTIONS`] runs only after
+    /// the audit log proved writable ([`AppState::require_audit`]); else it
+    /// answers `unavailable` and does not run. An unregistered name is
+    /// recorded as [`UNKNOWN_ACTION_RECORD`], its name only inside
+    /// `params_digest`, so a peer cannot write text into the audit log.
     pub async fn call(
         &self,
         state: &AppState,
@@ -165,16 +197,31 @@ impl Registry {
         caller: Caller,
     ) -> Result<Box<RawValue>, ApiError> {
         let params = Value::Object(params);
-        let digest = jcs_digest(&redact_secrets(&params));
+        let redacted = redact_secrets(&params);
+        let known = self.methods.method(action).is_some();
+        let (audited_action, digest) = if known {
+            (action, jcs_digest(&redacted))
+        } else {
+            (
+                UNKNOWN_ACTION_RECORD,
+                jcs_digest(&serde_json::json!({"action": action, "params": redacted})),
+            )
+        };
         let device = caller.device_id.clone();
-        let out = self.invoke(action, &params, caller).await;
+        let out = if known && !is_read_only(action) {
+            match state.require_audit().await {
+                Ok(()) => self.invoke(action, &params, caller).await,
+                Err(e) => Err(e),
+            }
+        } else {
+            self.invoke(action, &params, caller).await
+        };
         let outcome = match &out {
             Ok(_) => "ok",
             Err(e) => e.code.as_str(),
         };
-        let audited_action: String = action.chars().take(128).collect();
         state
-            .audit(Some(&device), &audited_action, Some(digest), outcome, None)
+            .audit(Some(&device), audited_action, Some(digest), outcome, None)
             .await;
         out
     }

@@ -15,6 +15,7 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::memory::Memory;
 use crate::plugins::Plugins;
+use crate::protocol::{ApiError, ErrorCode};
 use crate::sessions::Sessions;
 use crate::skills::Skills;
 use crate::storage::Db;
@@ -143,6 +144,40 @@ impl AppState {
         self.config.subscribe()
     }
 
+    /// Ok if the audit log can be written now; else the `unavailable` error
+    /// that a state-changing action answers instead of running (fail
+    /// closed). See [`AuditLog::check_writable`].
+    pub async fn require_audit(&self) -> Result<(), ApiError> {
+        self.audit
+            .check_writable(self.clock.now_ms())
+            .await
+            .map_err(|_| audit_unavailable())
+    }
+
+    /// Like [`AppState::audit`], but waits until the record is on disk:
+    /// Err (`unavailable`) if it could not be written. Gated actions use it
+    /// for the record that lets them run, so nothing runs unrecorded.
+    pub async fn audit_durable(
+        &self,
+        device_id: Option<&str>,
+        action: &str,
+        params_digest: Option<String>,
+        outcome: &str,
+        approval_id: Option<&str>,
+    ) -> Result<(), ApiError> {
+        self.audit
+            .record_durable(AuditEntry {
+                ts_ms: self.clock.now_ms(),
+                device_id: device_id.map(String::from),
+                action: action.to_string(),
+                params_digest,
+                outcome: outcome.to_string(),
+                approval_id: approval_id.map(String::from),
+            })
+            .await
+            .map_err(|_| audit_unavailable())
+    }
+
     /// Appends an audit record stamped now.
     pub async fn audit(
         &self,
@@ -163,4 +198,13 @@ impl AppState {
             })
             .await;
     }
+}
+
+/// The error of an action refused because the audit log cannot be written.
+pub fn audit_unavailable() -> ApiError {
+    ApiError::new(
+        ErrorCode::Unavailable,
+        "the audit log cannot be written, so this action was refused and nothing was changed; \
+         make audit.dir a writable directory with free space (see the server log), then retry",
+    )
 }

@@ -138,7 +138,7 @@ pub async fn update_config(state: Arc<AppState>, approved: Approved<UpdateConfig
         state.audit.set_dir(state.dir.resolve(&new_audit)).await;
     }
     if old.memory.model_dir != new_model {
-        tracing::info!(dir = %new_model.display(), "memory.model_dir changed: reloading the embedding model");
+        tracing::info!(dir = %new_model.display(), library = %state.memory.embedder.library().display(), "memory.model_dir changed: reloading the model files (the ONNX Runtime library stays the one fixed at start)");
         state.memory.embedder.reload(state.dir.resolve(&new_model));
     }
     tracing::info!(section = %p.section, approval = approved.approval_id(), "configuration updated");

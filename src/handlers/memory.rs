@@ -1,4 +1,6 @@
 //! `create_memory`, `list_memories`, `search_memories`, `delete_memory` (gated).
+//! The first three are admitted by `Memory::admit` (bounded: `busy` beyond)
+//! after their params are checked.
 
 use std::sync::Arc;
 
@@ -15,6 +17,7 @@ pub async fn create_memory(state: Arc<AppState>, _c: Caller, p: NewMemory) -> Ac
     let entry = p
         .validate(state.clock.now_ms())
         .map_err(ApiError::invalid)?;
+    let _admitted = state.memory.admit()?;
     let entry = state.memory.create(&state.db, entry).await?;
     Ok(json!({"result": "memory", "entry": entry.to_json()}))
 }
@@ -36,6 +39,7 @@ pub async fn list_memories(state: Arc<AppState>, _c: Caller, p: ListMemories) ->
         return Err(ApiError::invalid("`per_page` must be in 1..=100"));
     }
     let offset = (page as i64 - 1) * per_page as i64;
+    let _admitted = state.memory.admit()?;
     let (entries, total) = state
         .db
         .call(move |c| Ok((store::list(c, offset, per_page as i64)?, store::count(c)?)))
@@ -65,6 +69,7 @@ pub async fn search_memories(state: Arc<AppState>, _c: Caller, p: SearchMemories
     if p.query.len() > crate::memory::MAX_CONTENT_BYTES {
         return Err(ApiError::invalid("`query` is too long"));
     }
+    let _admitted = state.memory.admit()?;
     let hits = state.memory.search(&state.db, &p.query, limit).await?;
     let results: Vec<_> = hits
         .iter()

@@ -2,6 +2,13 @@
 //! loaded dynamically) on a dedicated thread: the async runtime never runs
 //! inference. If files are missing or broken, the embedder says exactly
 //! what and how to fetch them, and every request gets that message.
+//!
+//! The ONNX Runtime library is native code, so where it is loaded from is
+//! fixed when the process starts ([`Embedder::start`]): `ORT_DYLIB_PATH` if
+//! set then, else `libonnxruntime.so` in the `memory.model_dir` of the
+//! start. A later `memory.model_dir` change (`update_config`, over the
+//! wire) moves only the model files; a library in the new folder is never
+//! loaded. To use another library, change the files and restart.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -22,7 +29,8 @@ pub const MODEL_FILES: &[&str] = &[
     "special_tokens_map.json",
     "tokenizer_config.json",
 ];
-/// The ONNX Runtime library, in `model_dir` unless `ORT_DYLIB_PATH` names one.
+/// The ONNX Runtime library, in the start `model_dir` unless
+/// `ORT_DYLIB_PATH` names one (see [`library_path`]).
 pub const ORT_LIBRARY: &str = "libonnxruntime.so";
 /// Token limit per text (longer texts are truncated by the tokenizer).
 const MAX_TOKENS: usize = 256;
@@ -47,6 +55,17 @@ enum Job {
 pub struct Embedder {
     tx: std::sync::mpsc::SyncSender<Job>,
     status: Arc<RwLock<Status>>,
+    /// The ONNX Runtime library, fixed at start.
+    library: Arc<Path>,
+}
+
+/// Where the ONNX Runtime library is loaded from, for an embedder started
+/// on `start_dir`: `ORT_DYLIB_PATH` as set now, else `start_dir/libonnxruntime.so`.
+/// Resolved once per embedder, at its start.
+pub fn library_path(start_dir: &Path) -> PathBuf {
+    std::env::var_os("ORT_DYLIB_PATH")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| start_dir.join(ORT_LIBRARY))
 }
 
 impl std::fmt::Debug for Embedder {
@@ -88,16 +107,14 @@ fn ort_environment(lib: &Path) -> Result<ort::environment::Environment, String> 
     Ok(made)
 }
 
-/// Loads the model from `dir`, or says what is wrong.
-fn load(dir: &Path) -> Result<(TextEmbedding, String), String> {
+/// Loads the model files from `dir` with the ONNX Runtime library `lib`
+/// (fixed at start), or says what is wrong.
+fn load(dir: &Path, lib: &Path) -> Result<(TextEmbedding, String), String> {
     let missing: Vec<&str> = MODEL_FILES
         .iter()
         .copied()
         .filter(|f| !dir.join(f).is_file())
         .collect();
-    let lib = std::env::var_os("ORT_DYLIB_PATH")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| dir.join(ORT_LIBRARY));
     let mut problems = Vec::new();
     if !missing.is_empty() {
         problems.push(format!(
@@ -108,7 +125,8 @@ fn load(dir: &Path) -> Result<(TextEmbedding, String), String> {
     }
     if !lib.is_file() {
         problems.push(format!(
-            "missing the ONNX Runtime library {}",
+            "missing the ONNX Runtime library {} (its path is fixed when the server starts: \
+             ORT_DYLIB_PATH, else the memory.model_dir of the start; put it there and restart)",
             lib.display()
         ));
     }
@@ -119,7 +137,7 @@ fn load(dir: &Path) -> Result<(TextEmbedding, String), String> {
             how_to_fetch(dir)
         ));
     }
-    let env = ort_environment(&lib)?;
+    let env = ort_environment(lib)?;
     let read = |f: &str| {
         std::fs::read(dir.join(f))
             .map_err(|e| format!("cannot read {}: {e}", dir.join(f).display()))
@@ -169,11 +187,14 @@ fn normalise(mut v: Vec<f32>) -> Vec<f32> {
 }
 
 impl Embedder {
-    /// Starts the thread and begins loading from `dir`.
+    /// Starts the thread and begins loading from `dir`. The ONNX Runtime
+    /// library path is resolved here, once ([`library_path`]).
     pub fn start(dir: PathBuf) -> Embedder {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(256);
         let status = Arc::new(RwLock::new(Status::Loading));
         let st = status.clone();
+        let library: Arc<Path> = library_path(&dir).into();
+        let lib = library.clone();
         std::thread::Builder::new()
             .name("embedder".into())
             .spawn(move || {
@@ -183,7 +204,7 @@ impl Embedder {
                     *model = None;
                     set(Status::Loading);
                     let started = std::time::Instant::now();
-                    match std::panic::catch_unwind(|| load(dir)) {
+                    match std::panic::catch_unwind(|| load(dir, &lib)) {
                         Ok(Ok((m, id))) => {
                             tracing::info!(model = %id, dir = %dir.display(), ms = started.elapsed().as_millis() as u64, "embedding model loaded");
                             *model = Some(m);
@@ -218,7 +239,16 @@ impl Embedder {
                 }
             })
             .expect("spawn embedder thread");
-        Embedder { tx, status }
+        Embedder {
+            tx,
+            status,
+            library,
+        }
+    }
+
+    /// The ONNX Runtime library this embedder loads (fixed at start).
+    pub fn library(&self) -> &Path {
+        &self.library
     }
 
     pub fn status(&self) -> Status {
@@ -228,9 +258,10 @@ impl Embedder {
             .clone()
     }
 
-    /// Reloads from another folder (after `memory.model_dir` changed).
-    /// Requests made after this call wait behind the load (in order on the
-    /// embedder thread) instead of seeing the old status.
+    /// Reloads the model files from another folder (after `memory.model_dir`
+    /// changed); the library stays the one fixed at start. Requests made
+    /// after this call wait behind the load (in order on the embedder
+    /// thread) instead of seeing the old status.
     pub fn reload(&self, dir: PathBuf) {
         *self.status.write().unwrap_or_else(|p| p.into_inner()) = Status::Loading;
         let _ = self.tx.try_send(Job::Load(dir));

@@ -1,15 +1,25 @@
 //! Memory: what the agent knows about its owner — entries in SQLite with
 //! their embeddings, an in-memory vector index for exact semantic search,
 //! and the embedding model on its own thread.
+//!
+//! Heavy work never runs on async worker threads: inference on the
+//! embedder thread, SQLite through `Db::call`, vector scans and index
+//! writes on the blocking pool. It is bounded: at most [`MAX_ADMITTED`]
+//! `create_memory`/`search_memories`/`list_memories` requests are admitted
+//! at once (running or waiting for the embedder or a scan), and at most
+//! [`MAX_SCANS`] scans run together; a request beyond the bound is answered
+//! `busy` with `retry_after_ms` at once instead of queueing.
 
 pub mod embedder;
 pub mod import;
 pub mod index;
 pub mod store;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use serde::Deserialize;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::protocol::{ApiError, ErrorCode};
 use crate::storage::{Db, StorageError};
@@ -81,11 +91,26 @@ pub fn new_id() -> String {
     )
 }
 
+/// Memory requests admitted at once (all devices together).
+pub const MAX_ADMITTED: usize = 32;
+/// Vector scans running at once (each may use several cores on a large index).
+pub const MAX_SCANS: usize = 2;
+/// The `retry_after_ms` of a `busy` answer.
+pub const BUSY_RETRY_AFTER_MS: u64 = 250;
+
 /// The memory service held by `AppState`.
 pub struct Memory {
-    index: RwLock<VectorIndex>,
+    index: Arc<RwLock<VectorIndex>>,
+    /// `index.len()`, readable without the lock (the dashboard never waits on a scan).
+    count: Arc<AtomicUsize>,
+    admitted: Arc<Semaphore>,
+    scans: Arc<Semaphore>,
     pub embedder: Embedder,
 }
+
+/// Holds a memory request's admission (see [`Memory::admit`]).
+#[derive(Debug)]
+pub struct Admission(#[allow(dead_code)] OwnedSemaphorePermit);
 
 impl std::fmt::Debug for Memory {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -112,13 +137,50 @@ impl Memory {
         }
         tracing::info!(memories = index.len(), "memory index loaded");
         Ok(Memory {
-            index: RwLock::new(index),
+            count: Arc::new(AtomicUsize::new(index.len())),
+            index: Arc::new(RwLock::new(index)),
+            admitted: Arc::new(Semaphore::new(MAX_ADMITTED)),
+            scans: Arc::new(Semaphore::new(MAX_SCANS)),
             embedder: Embedder::start(model_dir),
         })
     }
 
     pub fn count(&self) -> usize {
-        self.index.read().unwrap_or_else(|p| p.into_inner()).len()
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// Admits one memory request, or answers `busy` at once when
+    /// [`MAX_ADMITTED`] are already admitted. Hold the value until done.
+    pub fn admit(&self) -> Result<Admission, ApiError> {
+        self.admitted
+            .clone()
+            .try_acquire_owned()
+            .map(Admission)
+            .map_err(|_| {
+                ApiError::new(
+                    ErrorCode::Busy,
+                    format!(
+                        "memory is busy: {MAX_ADMITTED} memory requests are already being served; retry shortly"
+                    ),
+                )
+                .with_retry_after(BUSY_RETRY_AFTER_MS)
+            })
+    }
+
+    /// Runs `f` on the index (under its write lock) on the blocking pool.
+    async fn update_index<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut VectorIndex) -> R + Send + 'static,
+    ) -> Result<R, ApiError> {
+        let (index, count) = (self.index.clone(), self.count.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut idx = index.write().unwrap_or_else(|p| p.into_inner());
+            let r = f(&mut idx);
+            count.store(idx.len(), Ordering::Relaxed);
+            r
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("index update failed: {e}")))
     }
 
     fn model_id(&self) -> Result<String, ApiError> {
@@ -151,9 +213,12 @@ impl Memory {
             .call(move |c| store::insert_batch(c, &[(e2, v2)], &model_id))
             .await
             .map_err(storage)?;
-        let mut idx = self.index.write().unwrap_or_else(|p| p.into_inner());
-        idx.insert(&entry.id, &v);
-        idx.max_rowid = idx.max_rowid.max(rowids[0]);
+        let (id, rowid) = (entry.id.clone(), rowids[0]);
+        self.update_index(move |idx| {
+            idx.insert(&id, &v);
+            idx.max_rowid = idx.max_rowid.max(rowid);
+        })
+        .await?;
         Ok(entry)
     }
 
@@ -163,10 +228,8 @@ impl Memory {
             .call(move |c| store::delete(c, &id2))
             .await
             .map_err(storage)?;
-        self.index
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
+        let id = id.to_string();
+        self.update_index(move |idx| idx.remove(&id)).await?;
         Ok(found)
     }
 
@@ -181,11 +244,22 @@ impl Memory {
         let q = vs
             .pop()
             .ok_or_else(|| ApiError::internal("no embedding returned"))?;
-        let hits = self
-            .index
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .search(&q, limit);
+        // The scan is CPU-bound (and takes milliseconds on a large index):
+        // on the blocking pool, at most MAX_SCANS at once.
+        let _scan = self
+            .scans
+            .acquire()
+            .await
+            .map_err(|_| ApiError::internal("the scan limiter is closed"))?;
+        let index = self.index.clone();
+        let hits = tokio::task::spawn_blocking(move || {
+            index
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .search(&q, limit)
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("search failed: {e}")))?;
         let ids: Vec<String> = hits.iter().map(|(id, _)| id.to_string()).collect();
         let mut entries = db
             .call(move |c| store::get_many(c, &ids))
@@ -209,15 +283,20 @@ impl Memory {
             return Ok(0);
         }
         let rows = db.call(move |c| store::vectors_after(c, after)).await?;
-        let mut idx = self.index.write().unwrap_or_else(|p| p.into_inner());
-        let mut added = 0;
-        for (rowid, id, v) in rows {
-            if v.len() == index::DIM && !idx.contains(&id) {
-                idx.insert(&id, &v);
-                added += 1;
-            }
-            idx.max_rowid = idx.max_rowid.max(rowid);
-        }
+        let added = self
+            .update_index(move |idx| {
+                let mut added = 0;
+                for (rowid, id, v) in rows {
+                    if v.len() == index::DIM && !idx.contains(&id) {
+                        idx.insert(&id, &v);
+                        added += 1;
+                    }
+                    idx.max_rowid = idx.max_rowid.max(rowid);
+                }
+                added
+            })
+            .await
+            .unwrap_or(0);
         Ok(added)
     }
 }

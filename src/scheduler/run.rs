@@ -1,5 +1,10 @@
 //! Running one task: the four handler kinds (SPEC §7). Each returns
 //! Ok(()) or the error recorded in the execution.
+//!
+//! A webhook URL is a bearer secret: errors, events and log lines name it
+//! only by scheme, host, port and path ([`redact_url`]), never its user
+//! info, query or fragment. A failed command's `error` carries at most the
+//! last [`ERROR_TAIL`] characters of its stderr.
 
 use std::process::Stdio;
 use std::sync::Arc;
@@ -12,10 +17,12 @@ use super::executions;
 use super::task::{Builtin, Handler, TaskDef};
 use crate::state::AppState;
 
-/// Output kept per stream; the rest is dropped.
-const KEEP_OUTPUT: usize = 64 * 1024;
-/// Characters of stderr put into a failed run's `error`.
-const ERROR_TAIL: usize = 1000;
+/// Output kept per stream, in bytes (the tail); the rest is dropped.
+pub const KEEP_OUTPUT: usize = 64 * 1024;
+/// A failed command's `error` holds at most this many characters (Unicode
+/// scalar values) of its stderr: the last ones, decoded as lossy UTF-8,
+/// trimmed, and cut only at character boundaries (`…` marks a cut).
+pub const ERROR_TAIL: usize = 1000;
 
 /// Reads a stream to the end, keeping at most `KEEP_OUTPUT` bytes (the tail).
 async fn drain(mut r: impl AsyncRead + Unpin) -> Vec<u8> {
@@ -36,7 +43,8 @@ async fn drain(mut r: impl AsyncRead + Unpin) -> Vec<u8> {
 
 fn tail(bytes: &[u8]) -> String {
     let s = String::from_utf8_lossy(bytes);
-    let s = s.trim();
+    // A character cut by the 64 KiB window decodes as U+FFFD: drop it.
+    let s = s.trim().trim_start_matches('\u{fffd}').trim();
     let n = s.chars().count();
     if n <= ERROR_TAIL {
         s.to_string()
@@ -106,7 +114,49 @@ pub fn describe_run(task: &TaskDef, execution_id: i64, started_at: i64, trigger:
            "started_at": crate::clock::rfc3339_ms(started_at), "trigger": trigger})
 }
 
+/// A URL as it may be shown: `scheme://host[:port]/path`, without user
+/// info, query or fragment (a webhook URL is a bearer capability). A URL
+/// that does not parse is shown as `[unparseable url]`.
+pub fn redact_url(url: &str) -> String {
+    let Ok(uri) = url.parse::<ureq::http::Uri>() else {
+        return "[unparseable url]".into();
+    };
+    let (Some(scheme), Some(host)) = (uri.scheme_str(), uri.host()) else {
+        return "[unparseable url]".into();
+    };
+    let port = uri.port_u16().map(|p| format!(":{p}")).unwrap_or_default();
+    format!("{scheme}://{host}{port}{}", uri.path())
+}
+
+/// `text` (e.g. an HTTP client's error) with `url` and its secret parts
+/// (user info, query, fragment) replaced, in case the text quotes them.
+fn scrub(text: &str, url: &str) -> String {
+    let mut out = text.replace(url, &redact_url(url));
+    let after_scheme = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority_end = after_scheme
+        .find(['/', '?', '#'])
+        .unwrap_or(after_scheme.len());
+    let mut secrets: Vec<&str> = Vec::new();
+    if let Some((userinfo, _)) = after_scheme[..authority_end].rsplit_once('@') {
+        secrets.push(userinfo);
+        secrets.extend(userinfo.split(':'));
+    }
+    if let Some((_, query)) = url.split_once('?') {
+        secrets.push(query);
+        secrets.push(query.split('#').next().unwrap_or(query));
+    }
+    if let Some((_, fragment)) = url.split_once('#') {
+        secrets.push(fragment);
+    }
+    secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    for s in secrets.into_iter().filter(|s| !s.is_empty()) {
+        out = out.replace(s, "[redacted]");
+    }
+    out
+}
+
 fn webhook(url: &str, method: &str, timeout: Duration, body: &Value) -> Result<(), String> {
+    let shown = redact_url(url);
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(timeout))
         .http_status_as_error(false)
@@ -120,13 +170,13 @@ fn webhook(url: &str, method: &str, timeout: Duration, body: &Value) -> Result<(
             .header("content-type", "application/json")
             .send(body.to_string())
     }
-    .map_err(|e| format!("webhook {method} {url}: {e}"))?;
+    .map_err(|e| format!("webhook {method} {shown}: {}", scrub(&e.to_string(), url)))?;
     let status = resp.status();
     if status.is_success() {
         Ok(())
     } else {
         Err(format!(
-            "webhook {method} {url} answered HTTP {}",
+            "webhook {method} {shown} answered HTTP {}",
             status.as_u16()
         ))
     }
@@ -177,9 +227,17 @@ pub async fn run(
                 describe_run(task, execution_id, started_at, trigger),
             );
             let timeout = Duration::from_secs(*timeout_secs);
-            tokio::task::spawn_blocking(move || webhook(&url, &method, timeout, &body))
-                .await
-                .map_err(|e| e.to_string())?
+            // The HTTP client logs the request line, query included, at
+            // debug: nothing is logged during the call (its errors come
+            // back in our own, redacted, message).
+            tokio::task::spawn_blocking(move || {
+                tracing::subscriber::with_default(
+                    tracing::subscriber::NoSubscriber::default(),
+                    || webhook(&url, &method, timeout, &body),
+                )
+            })
+            .await
+            .map_err(|e| e.to_string())?
         }
         Handler::Builtin(Builtin::AuditVerify) => {
             state.audit.flush().await;
@@ -202,5 +260,36 @@ pub async fn run(
             tracing::info!(deleted = n, "old task executions pruned");
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_shown_without_their_secrets() {
+        let url = "https://user:pa55@hooks.example.net:8443/a/b?token=SECRET#frag";
+        assert_eq!(redact_url(url), "https://hooks.example.net:8443/a/b");
+        assert_eq!(redact_url("http://127.0.0.1/x"), "http://127.0.0.1/x");
+        assert_eq!(redact_url("not a url"), "[unparseable url]");
+        let text = format!("bad uri: {url} (user:pa55, token=SECRET, frag)");
+        let s = scrub(&text, url);
+        for secret in ["pa55", "SECRET", "user", "frag"] {
+            assert!(!s.contains(secret), "{secret} in {s}");
+        }
+    }
+
+    #[test]
+    fn the_stderr_tail_is_capped_at_character_boundaries() {
+        // 3-byte characters: a byte cap would split one.
+        let long = "€".repeat(ERROR_TAIL + 10);
+        let t = tail(long.as_bytes());
+        assert_eq!(t.chars().count(), ERROR_TAIL + 1, "the tail and the … mark");
+        assert!(t.starts_with('…') && t.ends_with('€'));
+        // The 64 KiB window can cut a character in two: no U+FFFD is shown.
+        let cut = &"€".as_bytes()[1..];
+        let t = tail(&[cut, "ok".as_bytes()].concat());
+        assert_eq!(t, "ok");
     }
 }

@@ -17,7 +17,8 @@ pub enum Builtin {
     PruneExecutions,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+/// `Debug` shows a webhook URL redacted (it is a bearer secret).
+#[derive(Clone, PartialEq)]
 pub enum Handler {
     Command {
         argv: Vec<String>,
@@ -33,6 +34,37 @@ pub enum Handler {
         plugin: String,
         timeout_secs: u64,
     },
+}
+
+impl std::fmt::Debug for Handler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Handler::Command { argv, timeout_secs } => f
+                .debug_struct("Command")
+                .field("argv", argv)
+                .field("timeout_secs", timeout_secs)
+                .finish(),
+            Handler::Webhook {
+                url,
+                method,
+                timeout_secs,
+            } => f
+                .debug_struct("Webhook")
+                .field("url", &super::run::redact_url(url))
+                .field("method", method)
+                .field("timeout_secs", timeout_secs)
+                .finish(),
+            Handler::Builtin(b) => f.debug_tuple("Builtin").field(b).finish(),
+            Handler::Plugin {
+                plugin,
+                timeout_secs,
+            } => f
+                .debug_struct("Plugin")
+                .field("plugin", plugin)
+                .field("timeout_secs", timeout_secs)
+                .finish(),
+        }
+    }
 }
 
 impl Handler {
@@ -169,10 +201,12 @@ pub fn parse_task(t: &toml::Table) -> Result<TaskDef, String> {
             }
             Some("webhook") => {
                 let url = string(t, "url")?.ok_or("a `webhook` task needs `url`")?;
+                // The URL is a bearer secret: errors never quote it.
                 if !(url.starts_with("http://") || url.starts_with("https://")) {
-                    return Err(format!(
-                        "`url` must start with http:// or https://, got {url:?}"
-                    ));
+                    return Err("`url` must start with http:// or https://".into());
+                }
+                if super::run::redact_url(&url) == "[unparseable url]" {
+                    return Err("`url` is not a valid URL".into());
                 }
                 let method = string(t, "method")?
                     .unwrap_or_else(|| "POST".into())

@@ -4,15 +4,25 @@
 //! without hash)`. The chain head (last `seq`, `hash`) is mirrored in
 //! `agent.db` so that a cut-off tail is detected. Appends from the server and
 //! the CLI are serialised with an exclusive lock on `audit.dir/.lock`.
+//!
+//! The server fails closed: while records cannot be written, the writer
+//! thread marks the log unhealthy ([`AuditHealth`]) and counts the records
+//! it had to drop; the request path asks [`AuditLog::check_writable`] before
+//! running anything that changes state and refuses it with `unavailable`.
+//! The first record written after recovery is `audit.lost` with outcome
+//! `lost:N` (N records dropped), so the gap is stated in the chain itself
+//! while the chain stays continuous (dropped records never got a `seq`).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use rusqlite::{OptionalExtension, params};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use super::{Db, StorageError};
 use crate::clock::rfc3339_ms;
@@ -20,6 +30,9 @@ use crate::clock::rfc3339_ms;
 pub const ZERO_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 const LOG_FILE: &str = "audit.jsonl";
 const LOCK_FILE: &str = ".lock";
+/// The action of the record that states how many records were dropped
+/// while the log could not be written; its outcome is `lost:N`.
+pub const LOST_ACTION: &str = "audit.lost";
 
 /// One event to record. Never holds a secret: params are reduced to a digest.
 #[derive(Debug, Clone)]
@@ -176,19 +189,46 @@ impl ChainWriter {
             buf.push('\n');
             prev = hash;
         }
-        file.write_all(buf.as_bytes()).map_err(io_err(&path))?;
-        file.sync_data().map_err(io_err(&path))?;
+        let written = file
+            .write_all(buf.as_bytes())
+            .and_then(|()| file.sync_data());
+        if let Err(e) = written {
+            // A partial line (disk full) would break the chain: cut it off,
+            // so the file ends at the last whole record again.
+            let _ = file.set_len(len);
+            let _ = file.sync_data();
+            self.cached = None;
+            return Err(io_err(&path)(e));
+        }
+        // The records are on disk: from here on they count as written. A DB
+        // head that lags behind the file is harmless (`verify` accepts it).
         let key = self.dir_key();
         let head_hash = prev.clone();
-        self.db.blocking(|c| {
+        let moved = self.db.blocking(|c| {
             c.execute(
                 "INSERT INTO audit_heads(dir, seq, hash) VALUES (?1, ?2, ?3)
                  ON CONFLICT(dir) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
                 params![key, seq as i64, head_hash],
             )?;
             Ok(())
-        })?;
+        });
+        if let Err(e) = moved {
+            tracing::error!(error = %e, "cannot mirror the audit chain head in agent.db");
+        }
         self.cached = Some((len + buf.len() as u64, seq, prev));
+        Ok(())
+    }
+
+    /// Whether an append could start: the directory exists (or can be made)
+    /// and the log file opens for appending. Writes nothing.
+    pub fn probe(&self) -> Result<(), AuditError> {
+        fs::create_dir_all(&self.dir).map_err(io_err(&self.dir))?;
+        let path = self.dir.join(LOG_FILE);
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
         Ok(())
     }
 
@@ -238,59 +278,224 @@ enum Msg {
     Entry(AuditEntry),
     SetDir(PathBuf),
     Flush(std::sync::mpsc::SyncSender<()>),
+    /// Writes what is queued, then answers whether the log is writable
+    /// (probing the directory when there was nothing to write). `ts_ms`
+    /// stamps an `audit.lost` record if one is due.
+    Check {
+        ts_ms: i64,
+        ack: oneshot::Sender<bool>,
+    },
+    /// Appends one record and everything queued before it; answers once it
+    /// is on disk (true) or could not be written (false).
+    Durable {
+        entry: AuditEntry,
+        ack: oneshot::Sender<bool>,
+    },
     Close,
+}
+
+/// The writer's health, shared with the request path. Only the writer
+/// thread changes it.
+#[derive(Debug, Default)]
+pub struct AuditHealth {
+    failing: AtomicBool,
+    lost: AtomicU64,
+}
+
+impl AuditHealth {
+    /// True from a failed write (or probe) until the next successful one.
+    pub fn is_failing(&self) -> bool {
+        self.failing.load(Ordering::Acquire)
+    }
+
+    /// Records dropped since the last successful write.
+    pub fn lost(&self) -> u64 {
+        self.lost.load(Ordering::Acquire)
+    }
+}
+
+/// The log cannot be written now: the action was refused (fail closed).
+#[derive(Debug, thiserror::Error)]
+#[error("the audit log cannot be written")]
+pub struct AuditUnavailable;
+
+/// The writer thread's side: the chain writer, the batch and the health.
+struct Writer {
+    w: ChainWriter,
+    batch: Vec<AuditEntry>,
+    health: Arc<AuditHealth>,
+}
+
+impl Writer {
+    /// Appends the batch, preceded by an `audit.lost` record when records
+    /// were dropped before (stamped with the batch's first time, else
+    /// `ts_ms`). Returns whether it was written; on failure the batch's
+    /// records are counted as lost. With nothing to write, changes nothing.
+    fn write(&mut self, ts_ms: Option<i64>) -> bool {
+        let lost = self.health.lost();
+        let ts = self.batch.first().map(|e| e.ts_ms).or(ts_ms);
+        let Some(ts) = ts.filter(|_| lost > 0 || !self.batch.is_empty()) else {
+            return !self.health.is_failing();
+        };
+        if lost > 0 {
+            self.batch.insert(
+                0,
+                AuditEntry {
+                    ts_ms: ts,
+                    device_id: None,
+                    action: LOST_ACTION.into(),
+                    params_digest: None,
+                    outcome: format!("lost:{lost}"),
+                    approval_id: None,
+                },
+            );
+        }
+        let result = self.w.append(&self.batch);
+        let dropped = self.batch.len() as u64 - u64::from(lost > 0);
+        self.batch.clear();
+        match result {
+            Ok(()) => {
+                if self.health.is_failing() || lost > 0 {
+                    tracing::warn!(lost, dir = %self.w.dir().display(), "the audit log is writable again; the records lost meanwhile are counted in an audit.lost record");
+                }
+                self.health.lost.store(0, Ordering::Release);
+                self.health.failing.store(false, Ordering::Release);
+                true
+            }
+            Err(e) => {
+                if !self.health.is_failing() {
+                    tracing::error!(error = %e, dir = %self.w.dir().display(), "audit append failed: refusing state-changing actions until the audit log can be written");
+                } else {
+                    tracing::debug!(error = %e, records = dropped, "audit append failed again");
+                }
+                self.health.lost.store(lost + dropped, Ordering::Release);
+                self.health.failing.store(true, Ordering::Release);
+                false
+            }
+        }
+    }
+
+    /// `write`, and when there was nothing to write, a probe of the directory.
+    fn check(&mut self, ts_ms: i64) -> bool {
+        if !self.batch.is_empty() || self.health.lost() > 0 {
+            return self.write(Some(ts_ms));
+        }
+        match self.w.probe() {
+            Ok(()) => {
+                self.health.failing.store(false, Ordering::Release);
+                true
+            }
+            Err(e) => {
+                if !self.health.is_failing() {
+                    tracing::error!(error = %e, "the audit log cannot be written: refusing state-changing actions");
+                }
+                self.health.failing.store(true, Ordering::Release);
+                false
+            }
+        }
+    }
 }
 
 /// The server's audit writer: a dedicated thread fed by a bounded queue,
 /// writing batches (one fsync per batch).
 pub struct AuditLog {
     tx: mpsc::Sender<Msg>,
+    health: Arc<AuditHealth>,
     thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl AuditLog {
     pub fn start(dir: PathBuf, db: Db) -> AuditLog {
         let (tx, mut rx) = mpsc::channel::<Msg>(4096);
+        let health = Arc::new(AuditHealth::default());
+        let mut st = Writer {
+            w: ChainWriter::new(dir, db),
+            batch: Vec::new(),
+            health: health.clone(),
+        };
         let thread = std::thread::Builder::new()
             .name("audit-writer".into())
             .spawn(move || {
-                let mut w = ChainWriter::new(dir, db);
-                let mut batch = Vec::new();
                 while let Some(first) = rx.blocking_recv() {
                     let mut next = Some(first);
                     while let Some(msg) = next.take() {
                         match msg {
-                            Msg::Entry(e) => batch.push(e),
+                            Msg::Entry(e) => st.batch.push(e),
                             Msg::SetDir(d) => {
-                                flush(&mut w, &mut batch);
-                                w = ChainWriter::new(d, w.db.clone());
+                                st.write(None);
+                                st.w = ChainWriter::new(d, st.w.db.clone());
                             }
                             Msg::Flush(ack) => {
-                                flush(&mut w, &mut batch);
+                                st.write(None);
                                 let _ = ack.send(());
                             }
+                            Msg::Check { ts_ms, ack } => {
+                                let _ = ack.send(st.check(ts_ms));
+                            }
+                            Msg::Durable { entry, ack } => {
+                                st.batch.push(entry);
+                                let _ = ack.send(st.write(None));
+                            }
                             Msg::Close => {
-                                flush(&mut w, &mut batch);
+                                st.write(None);
                                 return;
                             }
                         }
-                        if batch.len() < 1024 {
+                        if st.batch.len() < 1024 {
                             next = rx.try_recv().ok();
                         }
                     }
-                    flush(&mut w, &mut batch);
+                    st.write(None);
                 }
             })
             .expect("spawn audit writer thread");
         AuditLog {
             tx,
+            health,
             thread: std::sync::Mutex::new(Some(thread)),
         }
     }
 
-    /// Queues a record; waits only if the queue is full.
+    /// The writer's health as last seen (no I/O).
+    pub fn health(&self) -> &AuditHealth {
+        &self.health
+    }
+
+    /// Queues a record; waits only if the queue is full. While the log
+    /// cannot be written the record is dropped and counted (`audit.lost`).
     pub async fn record(&self, entry: AuditEntry) {
         let _ = self.tx.send(Msg::Entry(entry)).await;
+    }
+
+    /// Writes everything queued so far and answers whether the log can be
+    /// written now. Call before running anything that changes state: Err
+    /// means refuse it. After an outage, this writes the `audit.lost`
+    /// record (stamped `now_ms`) first.
+    pub async fn check_writable(&self, now_ms: i64) -> Result<(), AuditUnavailable> {
+        let (ack, done) = oneshot::channel();
+        self.tx
+            .send(Msg::Check { ts_ms: now_ms, ack })
+            .await
+            .map_err(|_| AuditUnavailable)?;
+        match done.await {
+            Ok(true) => Ok(()),
+            _ => Err(AuditUnavailable),
+        }
+    }
+
+    /// Appends `entry` and waits until it is on disk: Err if it could not
+    /// be written (it is then counted as lost). For records that must
+    /// exist before an action runs (e.g. an approval's decision).
+    pub async fn record_durable(&self, entry: AuditEntry) -> Result<(), AuditUnavailable> {
+        let (ack, done) = oneshot::channel();
+        self.tx
+            .send(Msg::Durable { entry, ack })
+            .await
+            .map_err(|_| AuditUnavailable)?;
+        match done.await {
+            Ok(true) => Ok(()),
+            _ => Err(AuditUnavailable),
+        }
     }
 
     /// Switches to a new directory: a new chain starts there (SPEC §8a).
@@ -298,7 +503,8 @@ impl AuditLog {
         let _ = self.tx.send(Msg::SetDir(dir)).await;
     }
 
-    /// Waits until everything queued before this call is on disk.
+    /// Waits until everything queued before this call is on disk (or was
+    /// found unwritable and counted as lost).
     pub async fn flush(&self) {
         let (ack, done) = std::sync::mpsc::sync_channel(1);
         if self.tx.send(Msg::Flush(ack)).await.is_ok() {
@@ -324,13 +530,6 @@ impl AuditLog {
             let _ = tokio::task::spawn_blocking(move || h.join()).await;
         }
     }
-}
-
-fn flush(w: &mut ChainWriter, batch: &mut Vec<AuditEntry>) {
-    if let Err(e) = w.append(batch) {
-        tracing::error!(error = %e, dir = %w.dir().display(), records = batch.len(), "audit append failed");
-    }
-    batch.clear();
 }
 
 /// The result of a successful `audit verify`.
@@ -482,5 +681,41 @@ mod tests {
         w.append(&[entry("c", None, None)]).unwrap();
         let r = verify(&d.path().join("audit"), &db).unwrap();
         assert_eq!(r.records, 3);
+    }
+
+    #[test]
+    fn dropped_records_are_counted_and_stated_once_writing_recovers() {
+        let d = tempfile::tempdir().unwrap();
+        let db = Db::open(&d.path().join("agent.db")).unwrap();
+        let dir = d.path().join("audit");
+        let health = Arc::new(AuditHealth::default());
+        let mut st = Writer {
+            w: ChainWriter::new(dir.clone(), db.clone()),
+            batch: vec![entry("first", None, None)],
+            health: health.clone(),
+        };
+        assert!(st.write(None));
+        // The directory becomes a file: nothing can be written.
+        std::fs::rename(&dir, d.path().join("moved")).unwrap();
+        std::fs::write(&dir, "x").unwrap();
+        assert!(!st.check(1), "the probe sees it before any record is lost");
+        assert_eq!(health.lost(), 0);
+        st.batch = vec![entry("a", None, None), entry("b", None, None)];
+        assert!(!st.write(None));
+        assert!(!st.check(2), "still broken: the lost record is not written");
+        assert!(health.is_failing());
+        assert_eq!(health.lost(), 2);
+        std::fs::remove_file(&dir).unwrap();
+        std::fs::rename(d.path().join("moved"), &dir).unwrap();
+        assert!(st.check(3), "the check writes the audit.lost record");
+        assert!(!health.is_failing());
+        assert_eq!(health.lost(), 0);
+        let text = std::fs::read_to_string(dir.join(LOG_FILE)).unwrap();
+        let last: Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+        assert_eq!(
+            (last["seq"].as_u64(), &last["action"], &last["outcome"]),
+            (Some(2), &Value::from(LOST_ACTION), &Value::from("lost:2"))
+        );
+        assert_eq!(verify(&dir, &db).unwrap().records, 2);
     }
 }
