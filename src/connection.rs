@@ -449,7 +449,10 @@ async fn write_loop(
 /// Runs one write of the writer; false if the writer must stop (the write
 /// failed, stalled for [`WRITE_STALL`], or the session was closed as a slow
 /// consumer — its queued frames are then freed with the writer).
-async fn guarded<T, E>(outbox: &Outbox, write: impl std::future::Future<Output = Result<T, E>>) -> bool {
+async fn guarded<T, E>(
+    outbox: &Outbox,
+    write: impl std::future::Future<Output = Result<T, E>>,
+) -> bool {
     tokio::pin!(write);
     let stall = sleep(WRITE_STALL);
     tokio::pin!(stall);

@@ -1,6 +1,7 @@
 //! The log filter. Whatever level the owner asks for, the WebSocket and
 //! JSON-RPC libraries stay at `warn`: at `trace` they would print whole
-//! frames — keys, signatures, nonces, pairing codes, config secrets.
+//! frames — keys, signatures, nonces, pairing codes, config secrets — and
+//! the HTTP client stays there too (it would print webhook URLs).
 
 use tracing_subscriber::EnvFilter;
 
@@ -12,6 +13,9 @@ const FRAME_LOGGERS: &[&str] = &[
     "jsonrpsee_types",
     "rustls",
     "tokio_rustls",
+    // HTTP clients log request URLs, and a webhook or notify URL is a bearer secret.
+    "ureq",
+    "ureq_proto",
 ];
 
 /// `user` is an `EnvFilter` directive string such as `info` or `secrets_agent=debug`.

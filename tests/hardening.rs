@@ -127,7 +127,10 @@ async fn a_fresh_data_dir_under_umask_022_has_no_group_or_world_bits() {
         .await
         .unwrap();
     c.request("get_dashboard", json!({})).await.unwrap();
-    assert!(dir.join("agent.db-wal").exists(), "the WAL is there to check");
+    assert!(
+        dir.join("agent.db-wal").exists(),
+        "the WAL is there to check"
+    );
     let wide = wide_entries(&dir);
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     assert!(child.wait().unwrap().success());
@@ -179,9 +182,11 @@ async fn a_loosened_data_dir_is_tightened_at_start_and_config_rewrites_stay_priv
         .unwrap();
     c.answer_approval(&id, &req, "approve").await.unwrap();
     assert_eq!(h.await.unwrap()["result"], "success");
-    assert!(std::fs::read_to_string(s.path().join("config.toml"))
-        .unwrap()
-        .contains("sk-private-1"));
+    assert!(
+        std::fs::read_to_string(s.path().join("config.toml"))
+            .unwrap()
+            .contains("sk-private-1")
+    );
     assert_eq!(mode(&s.path().join("config.toml")), 0o600);
     assert_eq!(wide_entries(s.path()), Vec::<String>::new());
 }
@@ -340,7 +345,9 @@ async fn frames_over_4_kib_before_authentication_close_with_1009() {
         let mut c = s.raw().await;
         let _ = challenge(&mut c).await;
         let pad = "x".repeat(size - 20);
-        let _ = c.send_text(format!("{{\"type\":\"auth\",\"p\":\"{pad}\"}}")).await;
+        let _ = c
+            .send_text(format!("{{\"type\":\"auth\",\"p\":\"{pad}\"}}"))
+            .await;
         match c.recv().await {
             Incoming::Closed(Some((code, _))) => assert_eq!(code, 1009, "size {size}"),
             other => panic!("size {size}: expected close 1009, got {other:?}"),
@@ -416,10 +423,12 @@ async fn handshake_timeouts_count_as_failures() {
     let (key, nonce, ts) = challenge(&mut c).await;
     let cn = proto::nonce32();
     let msg = proto::auth_string(&key, &nonce, &id.device_id(), &cn, ts);
-    c.send_json(&json!({"type": "auth", "protocol": 1, "device_id": id.device_id(), "nonce": nonce,
-                        "client_nonce": cn, "ts": ts, "signature": id.sign_device(&msg)}))
-        .await
-        .unwrap();
+    c.send_json(
+        &json!({"type": "auth", "protocol": 1, "device_id": id.device_id(), "nonce": nonce,
+                        "client_nonce": cn, "ts": ts, "signature": id.sign_device(&msg)}),
+    )
+    .await
+    .unwrap();
     expect_refused(&mut c, "rate_limited").await;
 }
 
@@ -488,7 +497,10 @@ async fn pair_json_carries_the_tls_pin_and_the_cli_escapes_device_names() {
         .output()
         .unwrap();
     let text = String::from_utf8(out.stdout).unwrap();
-    assert!(!text.contains('\u{1b}') && !text.contains('\u{202e}'), "{text:?}");
+    assert!(
+        !text.contains('\u{1b}') && !text.contains('\u{202e}'),
+        "{text:?}"
+    );
     assert!(text.contains("evil\\u{1b}[31m\\u{202e}name"), "{text}");
 }
 
@@ -502,4 +514,31 @@ fn without_tls_pair_json_has_no_pin() {
         .unwrap();
     let offer: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(offer.get("tls_spki_sha256").is_none(), "{offer}");
+}
+
+#[tokio::test]
+async fn no_device_is_paired_while_the_audit_log_cannot_record_it() {
+    let s = TestServer::start().await;
+    let code = s.code();
+    let audit = s.path().join("audit");
+    assert!(!audit.exists(), "nothing was audited yet");
+    std::fs::write(&audit, "not a directory").unwrap();
+    let id = Identity::generate("x", ApprovalAlg::Ed25519);
+    let mut c = s.raw().await;
+    let (key, nonce, _) = challenge(&mut c).await;
+    c.send_json(&pair_frame_with(&id, &key, &nonce, &code, "phone", false))
+        .await
+        .unwrap();
+    let f = expect_refused(&mut c, "invalid_request").await;
+    assert!(f["message"].as_str().unwrap().contains("audit"), "{f}");
+    assert_eq!(device_count(s.path()), 0);
+    // Restored: the same code still pairs.
+    std::fs::remove_file(&audit).unwrap();
+    let mut c = s.raw().await;
+    let (key, nonce, _) = challenge(&mut c).await;
+    c.send_json(&pair_frame_with(&id, &key, &nonce, &code, "phone", false))
+        .await
+        .unwrap();
+    assert_eq!(c.recv_frame().await.unwrap()["type"], "pair_ok");
+    assert_eq!(device_count(s.path()), 1);
 }

@@ -439,6 +439,13 @@ async fn pair(state: &AppState, issued: &Issued, f: &Value) -> Result<Authentica
         approval_public_key: approval_pk,
         approval_key_alg: alg,
     };
+    // A new device is a state change: not while the audit log cannot record it.
+    if state.require_audit().await.is_err() {
+        return Err(no_dev(Refused::new(
+            E::InvalidRequest,
+            "the server cannot write its audit log; pairing is refused until it can",
+        )));
+    }
     let stored = state
         .db
         .call(move |c| devices::complete_pairing(c, &hash, now, &new))
