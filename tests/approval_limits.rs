@@ -424,6 +424,12 @@ async fn revoking_a_device_expires_its_pending_requests_and_they_never_run() {
     owner.answer_approval(&oid, &rreq, "approve").await.unwrap();
     assert_eq!(call.await.unwrap().unwrap()["result"], "success");
 
+    // At once (not at the next revocation poll): no longer pending, and
+    // approving it now changes nothing.
+    assert!(list_ids(&owner).await.is_empty());
+    owner.answer_approval(&oid, &vreq, "approve").await.unwrap();
+    let e = next_matching(&owner, |f| f["type"] == "error").await;
+    assert_eq!(e["code"], "not_found");
     // Every session hears that the victim's request expired.
     for c in [&*owner, &bystander] {
         assert_eq!(
@@ -431,11 +437,6 @@ async fn revoking_a_device_expires_its_pending_requests_and_they_never_run() {
             "expired"
         );
     }
-    // Approving it now changes nothing.
-    owner.answer_approval(&oid, &vreq, "approve").await.unwrap();
-    let e = next_matching(&owner, |f| f["type"] == "error").await;
-    assert_eq!(e["code"], "not_found");
-    assert!(list_ids(&owner).await.is_empty());
     assert_eq!(interval_now(&owner).await, before, "it never ran");
     match victims.await.unwrap() {
         Ok(payload) => assert_error(&payload, "approval_expired"),
