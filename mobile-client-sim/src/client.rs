@@ -577,10 +577,10 @@ impl Client {
                     return Err(ClientError::Closed(self.closed.borrow().clone().flatten()));
                 };
                 if ev["type"] == "approval_request" {
-                    if let Some(id) = ev["approval_id"].as_str() {
-                        if requests.len() < OWN_MAX {
-                            requests.insert(id.to_string(), ev.clone());
-                        }
+                    if let Some(id) = ev["approval_id"].as_str()
+                        && requests.len() < OWN_MAX
+                    {
+                        requests.insert(id.to_string(), ev.clone());
                     }
                 } else if ev["type"] == "event"
                     && ev["event"] == "approval_pending"

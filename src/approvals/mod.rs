@@ -301,9 +301,12 @@ async fn gate(
     barred_decider: Option<String>,
 ) -> Result<String, ApiError> {
     // Secret values are shown as commitments under a key only the requester
-    // gets; the key is never stored and is dropped once sent.
-    let key = CommitmentKey::generate();
-    let (params, committed) = commit_secrets(&Value::Object(raw.clone()), &key);
+    // gets; the key is never stored, and its only copy moves into that event.
+    let (params, commitment_key) = {
+        let key = CommitmentKey::generate();
+        let (params, committed) = commit_secrets(&Value::Object(raw.clone()), &key);
+        (params, committed.then(|| key.to_b64()))
+    };
     let action_digest = jcs_digest(&json!({"action": action, "params": params}));
     let approval_id = format!("apr_{}", hex::encode(random_bytes::<12>()));
     let challenge = b64(&random_bytes::<32>());
@@ -375,18 +378,22 @@ async fn gate(
         .await;
     tracing::info!(approval = %approval_id, action, device = %caller.device_id, "approval requested");
     if origin_revoked {
+        // Never shown: it is expired (and announced so) at once.
         pending.decide(Decision::Expired, None);
+    } else {
+        state.sessions.broadcast(&pending.request_frame());
     }
-
-    state.sessions.broadcast(&pending.request_frame());
-    if let Some(origin) = state.sessions.get(&caller.session_id) {
+    if let Some(origin) = state
+        .sessions
+        .get(&caller.session_id)
+        .filter(|_| !origin_revoked)
+    {
         let mut data = json!({"request_id": &*caller.request_id, "approval_id": approval_id, "expires_at": expires_at});
-        if committed {
-            data["commitment_key"] = json!(key.to_b64());
+        if let Some(k) = commitment_key {
+            data["commitment_key"] = Value::String(k);
         }
         origin.push_event(frames::event("approval_pending", data));
     }
-    drop(key);
 
     let expiry = state.clock.instant_at(expires_at);
     let decision = tokio::select! {
