@@ -645,3 +645,40 @@ async fn a_flood_of_approval_requests_does_not_keep_the_owner_out() {
         .expect_err("still open");
     drop(tasks);
 }
+
+#[tokio::test]
+async fn challenges_stored_before_v1_1_are_scrubbed_at_start() {
+    let mut s = TestServer::start().await;
+    let old = json!({"approval_id": "apr_old", "request_id": "r", "origin_device_id": "0".repeat(32),
+                     "action": "delete_memory", "params": {"id": "mem_x"}, "summary": "s",
+                     "action_digest": "0".repeat(64), "challenge": "OLD-CHALLENGE-kept-by-v1-0", "expires_at": 1});
+    let text = old.to_string();
+    s.handle()
+        .state
+        .db
+        .blocking(move |c| {
+            c.execute(
+                "INSERT INTO approvals(approval_id, request_json, status, created_at, expires_at) VALUES ('apr_old', ?1, 'denied', 0, 1)",
+                [text],
+            )?;
+            Ok(())
+        })
+        .unwrap();
+    s.restart().await;
+    let stored: String = s
+        .handle()
+        .state
+        .db
+        .blocking(|c| {
+            Ok(c.query_row(
+                "SELECT request_json FROM approvals WHERE approval_id = 'apr_old'",
+                [],
+                |r| r.get(0),
+            )?)
+        })
+        .unwrap();
+    let stored: Value = serde_json::from_str(&stored).unwrap();
+    let mut expected = old.clone();
+    expected.as_object_mut().unwrap().remove("challenge");
+    assert_eq!(stored, expected, "only the challenge is gone");
+}

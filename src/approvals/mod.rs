@@ -624,6 +624,11 @@ pub async fn expire_stale_on_start(state: &AppState) {
                 "UPDATE approvals SET status = 'expired', decided_at = ?1 WHERE status = 'pending'",
                 [now],
             )?;
+            // Rows written before v1.1 kept the challenge; it never stays on disk.
+            tx.execute(
+                "UPDATE approvals SET request_json = json_remove(request_json, '$.challenge') WHERE json_extract(request_json, '$.challenge') IS NOT NULL",
+                [],
+            )?;
             tx.commit()?;
             Ok(ids)
         })
