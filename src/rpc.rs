@@ -61,7 +61,10 @@ pub type ActionResult = Result<Value, ApiError>;
 /// Keys whose values are secrets wherever they appear in params.
 pub const SECRET_KEYS: &[&str] = &["api_key", "password", "token", "secret"];
 
-/// A copy of `params` with every secret value replaced by `"[redacted]"`.
+/// A copy of `params` with every secret value replaced by `"[redacted]"`:
+/// what the audit's `params_digest` is computed over, so no secret (nor a
+/// commitment to one) reaches the audit log. Approval requests show secrets
+/// as per-approval commitments instead (`approvals::commitment`).
 pub fn redact_secrets(v: &Value) -> Value {
     match v {
         Value::Object(m) => Value::Object(

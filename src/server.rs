@@ -294,7 +294,8 @@ async fn report_failures(state: Arc<AppState>) {
     crate::auth::handshake::report_failures(&state).await;
 }
 
-/// Closes sessions of devices revoked by another process (the CLI).
+/// Closes sessions of devices revoked by another process (the CLI), and
+/// expires the approvals they originated.
 async fn watch_revocations(state: Arc<AppState>) {
     let mut tick = tokio::time::interval(REVOCATION_POLL);
     loop {
@@ -302,7 +303,10 @@ async fn watch_revocations(state: Arc<AppState>) {
             _ = tick.tick() => {}
             _ = state.shutdown.cancelled() => return,
         }
-        let ids = state.sessions.device_ids();
+        let mut ids = state.sessions.device_ids();
+        ids.extend(state.approvals.origin_devices());
+        ids.sort_unstable();
+        ids.dedup();
         if ids.is_empty() {
             continue;
         }
@@ -313,6 +317,7 @@ async fn watch_revocations(state: Arc<AppState>) {
         {
             Ok(revoked) => {
                 for id in revoked {
+                    state.approvals.expire_originated_by(&id);
                     let n = state.sessions.close_device(&id, close::REVOKED);
                     tracing::info!(device = %id, sessions = n, "closed sessions of a revoked device");
                 }

@@ -322,8 +322,15 @@ async fn foreign_revoked_and_malformed_answers_change_nothing() {
         1
     );
     assert!(!revoked(&owner, &vid.device_id()).await);
-    // The victim's own approval key may decide (any paired, non-revoked device).
+    // The device to be revoked cannot decide its own revocation (SPEC §8
+    // Limits, v1.1): its answer is forbidden and changes nothing.
     victim.answer_approval(&vid, &req, "deny").await.unwrap();
+    let e = error_frame(&victim).await;
+    assert_eq!(
+        (e["code"].as_str(), e["approval_id"].as_str()),
+        (Some("forbidden"), req["approval_id"].as_str())
+    );
+    owner.answer_approval(&oid, &req, "deny").await.unwrap();
     assert_error(&pending.await.unwrap(), "approval_denied");
 }
 

@@ -258,7 +258,12 @@ async fn secrets_never_leave_the_server() {
     )
     .await;
     assert_eq!(resp["result"], "success");
-    assert_eq!(req["params"]["value"]["api_key"], "[redacted]");
+    // v1.1: a per-approval commitment, never the value (SPEC §8).
+    let shown = req["params"]["value"]["api_key"].as_str().unwrap();
+    assert!(
+        shown.starts_with("[redacted:") && shown.len() == "[redacted:]".len() + 16,
+        "{shown}"
+    );
     assert!(req["summary"].as_str().unwrap().contains("[redacted]"));
     frames.push(req);
     frames.push(resp);

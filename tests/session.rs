@@ -67,7 +67,9 @@ async fn a_hundred_concurrent_requests_each_answered_once() {
 async fn in_flight_cap_and_duplicate_ids() {
     let s = TestServer::start_with_config("[server]\nmax_in_flight = 2\n").await;
     let (mut r, id) = raw_session(&s).await;
-    let dev = id.device_id();
+    // Another device to revoke: the target of a revocation cannot decide it
+    // (SPEC §8 Limits, v1.1), and this session decides below.
+    let dev = s.phone("target").await.1.device_id();
     // Gated requests stay in flight until decided.
     let revoke = |rid: &str| json!({"type": "admin", "request_id": rid, "payload": {"action": "revoke_device", "device_id": dev}});
     r.send_json(&revoke("g1")).await.unwrap();

@@ -1,8 +1,15 @@
 //! The phone's session: pairing and authentication (with the server's
 //! signature checked against the pinned key), multiplexed admin requests
 //! over both codecs, events, and approval answers.
+//!
+//! Approvals: a phone matches an approval to its own request only by the
+//! `approval_id` of the `approval_pending` event its session received (never
+//! by `request_id`, which other sessions may reuse), and before approving its
+//! own request it checks that the params shown are exactly the ones it sent,
+//! secret commitments included (SPEC §8 v1.1). Requests from other sessions
+//! or devices are marked as such ([`Origin`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -40,6 +47,100 @@ pub enum ClientError {
     Closed(Option<(u16, String)>),
     #[error("timed out")]
     Timeout,
+    #[error("the approval does not match the request this phone sent ({0}); refusing to approve")]
+    Mismatch(String),
+}
+
+/// Where an approval request came from, as far as this session can tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// This session asked: its `approval_pending` named this `approval_id`.
+    ThisSession,
+    /// This device, but not this session (or not provably this session).
+    OtherSession,
+    /// Another device (`origin_device_id` is not ours).
+    OtherDevice,
+}
+
+impl Origin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Origin::ThisSession => "this_session",
+            Origin::OtherSession => "other_session",
+            Origin::OtherDevice => "other_device",
+        }
+    }
+}
+
+/// An `approval_request` as this phone sees it.
+#[derive(Debug, Clone)]
+pub struct Approval {
+    pub approval_id: String,
+    pub origin_device_id: String,
+    pub action: String,
+    pub summary: String,
+    pub origin: Origin,
+    /// The frame as received (what `answer_approval` signs over).
+    pub frame: Value,
+}
+
+impl Approval {
+    /// Not asked by this session: the owner should look twice.
+    pub fn is_foreign(&self) -> bool {
+        self.origin != Origin::ThisSession
+    }
+}
+
+/// How long a phone waits for its own `approval_pending` after an
+/// `approval_request` from its own device (the server sends it right after).
+const OWN_PENDING_WAIT: Duration = Duration::from_secs(2);
+/// Own approvals remembered at once (oldest forgotten first).
+const OWN_MAX: usize = 4096;
+
+/// What this session sent and which approvals are its own.
+#[derive(Default)]
+struct Own {
+    /// Params of in-flight requests by their `request_id` as the server
+    /// renders it (several entries: ambiguous, never trusted).
+    sent: HashMap<String, Vec<Value>>,
+    /// approval_id → (the params sent, if known; commitment key).
+    approvals: HashMap<String, (Option<Value>, Option<Vec<u8>>)>,
+    order: VecDeque<String>,
+}
+
+impl Own {
+    fn on_pending(&mut self, data: &Value) {
+        let (Some(rid), Some(aid)) = (
+            data.get("request_id").and_then(Value::as_str),
+            data.get("approval_id").and_then(Value::as_str),
+        ) else {
+            return;
+        };
+        let params = match self.sent.get(rid).map(Vec::as_slice) {
+            Some([one]) => Some(one.clone()),
+            _ => None,
+        };
+        let key = data
+            .get("commitment_key")
+            .and_then(Value::as_str)
+            .and_then(proto::unb64);
+        if self.approvals.len() >= OWN_MAX
+            && let Some(old) = self.order.pop_front()
+        {
+            self.approvals.remove(&old);
+        }
+        self.approvals.insert(aid.to_string(), (params, key));
+        self.order.push_back(aid.to_string());
+    }
+
+    fn sent_done(&mut self, rid: &str) {
+        if let Some(v) = self.sent.get_mut(rid) {
+            v.pop();
+            if v.is_empty() {
+                self.sent.remove(rid);
+            }
+        }
+    }
 }
 
 /// The session the handshake established.
@@ -157,7 +258,10 @@ async fn finish_handshake(
         device_id: s("device_id"),
         server_key: server_key.into(),
     };
-    Ok((Client::start(conn.ws), connected))
+    Ok((
+        Client::start(conn.ws, connected.device_id.clone()),
+        connected,
+    ))
 }
 
 /// Pairs `id` using `code`; on success the server key is pinned in `id`.
@@ -223,6 +327,9 @@ type PendingMap = Arc<Mutex<HashMap<String, oneshot::Sender<Value>>>>;
 
 /// An authenticated session with requests multiplexed over it.
 pub struct Client {
+    device_id: String,
+    own: Arc<Mutex<Own>>,
+    own_seen: watch::Receiver<u64>,
     out: mpsc::Sender<Message>,
     pending: PendingMap,
     events: tokio::sync::Mutex<mpsc::UnboundedReceiver<Value>>,
@@ -231,8 +338,11 @@ pub struct Client {
 }
 
 impl Client {
-    fn start(ws: Ws) -> Client {
+    fn start(ws: Ws, device_id: String) -> Client {
         let (mut sink, mut stream) = ws.split();
+        let own: Arc<Mutex<Own>> = Arc::default();
+        let (own_tx, own_seen) = watch::channel(0u64);
+        let own2 = own.clone();
         let (out, mut out_rx) = mpsc::channel::<Message>(1024);
         let pending: PendingMap = Arc::default();
         let (ev_tx, ev_rx) = mpsc::unbounded_channel();
@@ -253,6 +363,10 @@ impl Client {
                         let Ok(v) = serde_json::from_str::<Value>(t.as_str()) else {
                             continue;
                         };
+                        if v["type"] == "event" && v["event"] == "approval_pending" {
+                            own2.lock().unwrap().on_pending(&v["data"]);
+                            own_tx.send_modify(|n| *n += 1);
+                        }
                         let key = response_key(&v);
                         let waiter = key.and_then(|k| p2.lock().unwrap().remove(&k));
                         match waiter {
@@ -275,6 +389,9 @@ impl Client {
             let _ = closed_tx.send(Some(close));
         });
         Client {
+            device_id,
+            own,
+            own_seen,
             out,
             pending,
             events: tokio::sync::Mutex::new(ev_rx),
@@ -321,9 +438,12 @@ impl Client {
                 )));
             }
         };
+        let sent = Value::Object(payload.clone());
         payload.insert("action".into(), json!(action));
         let frame = json!({"type": "admin", "request_id": rid, "payload": payload}).to_string();
-        let resp = self.call(format!("env:{rid}"), frame).await?;
+        let resp = self
+            .tracked(rid, sent, self.call(format!("env:{rid}"), frame))
+            .await?;
         Ok(resp["payload"].clone())
     }
 
@@ -336,7 +456,33 @@ impl Client {
     ) -> Result<Value, ClientError> {
         let frame =
             json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}).to_string();
-        self.call(format!("rpc:{}", id_key(&id)), frame).await
+        let sent = match &params {
+            Value::Null => json!({}),
+            p => p.clone(),
+        };
+        let key = id_key(&id);
+        self.tracked(&key, sent, self.call(format!("rpc:{key}"), frame))
+            .await
+    }
+
+    /// Remembers the params of a request while it is in flight, so an
+    /// `approval_pending` for it can be checked against what was sent.
+    async fn tracked(
+        &self,
+        rid: &str,
+        sent: Value,
+        call: impl std::future::Future<Output = Result<Value, ClientError>>,
+    ) -> Result<Value, ClientError> {
+        self.own
+            .lock()
+            .unwrap()
+            .sent
+            .entry(rid.to_string())
+            .or_default()
+            .push(sent);
+        let out = call.await;
+        self.own.lock().unwrap().sent_done(rid);
+        out
     }
 
     /// The next frame that is not a response to one of our requests.
@@ -365,8 +511,95 @@ impl Client {
         .map_err(|_| ClientError::Timeout)?
     }
 
+    /// Classifies an `approval_request` frame: this session's own request
+    /// (by the `approval_id` of its `approval_pending`), another session of
+    /// this device, or another device.
+    pub async fn approval(&self, frame: &Value) -> Approval {
+        let s = |k: &str| frame[k].as_str().unwrap_or("").to_string();
+        let approval_id = s("approval_id");
+        let origin = if s("origin_device_id") != self.device_id {
+            Origin::OtherDevice
+        } else if self.own_pending(&approval_id).await {
+            Origin::ThisSession
+        } else {
+            Origin::OtherSession
+        };
+        Approval {
+            origin_device_id: s("origin_device_id"),
+            action: s("action"),
+            summary: s("summary"),
+            approval_id,
+            origin,
+            frame: frame.clone(),
+        }
+    }
+
+    /// Whether this session's `approval_pending` named `approval_id`; while
+    /// requests of ours are in flight, waits a little for it (the server
+    /// sends it just after the `approval_request`).
+    async fn own_pending(&self, approval_id: &str) -> bool {
+        let mut seen = self.own_seen.clone();
+        let wait = async {
+            loop {
+                {
+                    let own = self.own.lock().unwrap();
+                    if own.approvals.contains_key(approval_id) {
+                        return true;
+                    }
+                    if own.sent.is_empty() {
+                        return false;
+                    }
+                }
+                if seen.changed().await.is_err() {
+                    return false;
+                }
+            }
+        };
+        tokio::time::timeout(OWN_PENDING_WAIT, wait)
+            .await
+            .unwrap_or(false)
+    }
+
+    /// Waits for this session's own approval of request `rid`: the
+    /// `approval_pending` event for `rid` names the `approval_id`, and the
+    /// `approval_request` with that id is returned. Other events seen while
+    /// waiting (other sessions' approvals with the same `request_id`
+    /// included) are dropped.
+    pub async fn own_approval(&self, rid: &str, within: Duration) -> Result<Approval, ClientError> {
+        let mut requests: HashMap<String, Value> = HashMap::new();
+        let mut mine: Option<String> = None;
+        let found = tokio::time::timeout(within, async {
+            loop {
+                if let Some(req) = mine.as_ref().and_then(|id| requests.remove(id)) {
+                    return Ok(req);
+                }
+                let Some(ev) = self.next_event().await else {
+                    return Err(ClientError::Closed(self.closed.borrow().clone().flatten()));
+                };
+                if ev["type"] == "approval_request" {
+                    if let Some(id) = ev["approval_id"].as_str()
+                        && requests.len() < OWN_MAX
+                    {
+                        requests.insert(id.to_string(), ev.clone());
+                    }
+                } else if ev["type"] == "event"
+                    && ev["event"] == "approval_pending"
+                    && ev["data"]["request_id"] == rid
+                {
+                    mine = ev["data"]["approval_id"].as_str().map(String::from);
+                }
+            }
+        })
+        .await
+        .map_err(|_| ClientError::Timeout)??;
+        Ok(self.approval(&found).await)
+    }
+
     /// Answers an `approval_request` after checking that its digest matches
-    /// the action and params shown. `decision`: "approve" or "deny".
+    /// the action and params shown, and, to approve this session's own
+    /// request, that the params are exactly the ones sent (each secret's
+    /// commitment recomputed with the `commitment_key`). `decision`:
+    /// "approve" or "deny".
     pub async fn answer_approval(
         &self,
         id: &Identity,
@@ -380,8 +613,34 @@ impl Client {
                 "action_digest does not match the action and params shown; refusing to sign".into(),
             ));
         }
+        if decision == "approve" {
+            self.check_own(request).await?;
+        }
         let frame = approval_response(id, request, decision);
         self.send_raw(frame.to_string()).await
+    }
+
+    /// For this session's own request: the params shown must be the ones sent.
+    async fn check_own(&self, request: &Value) -> Result<(), ClientError> {
+        let approval = self.approval(request).await;
+        if approval.origin != Origin::ThisSession {
+            return Ok(());
+        }
+        let (sent, key) = self
+            .own
+            .lock()
+            .unwrap()
+            .approvals
+            .get(&approval.approval_id)
+            .cloned()
+            .unwrap_or_default();
+        let Some(sent) = sent else {
+            return Err(ClientError::Mismatch(
+                "which request it answers is ambiguous".into(),
+            ));
+        };
+        proto::check_own_params(&sent, &request["params"], key.as_deref())
+            .map_err(ClientError::Mismatch)
     }
 
     /// Waits until the server closes the connection; its close code and reason.

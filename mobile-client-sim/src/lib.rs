@@ -10,6 +10,6 @@ pub mod identity;
 pub mod proto;
 pub mod raw;
 
-pub use client::{Client, ClientError, Connected};
+pub use client::{Approval, Client, ClientError, Connected, Origin};
 pub use identity::{ApprovalAlg, Identity, Pinned};
 pub use raw::{Incoming, RawConn};

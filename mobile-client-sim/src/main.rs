@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use mobile_client_sim::client::{self, Endpoint};
-use mobile_client_sim::{ApprovalAlg, Client, Identity};
+use mobile_client_sim::{Approval, ApprovalAlg, Client, Identity, Origin};
 use serde_json::{Map, Value, json};
 
 use mobile_client_sim::bench;
@@ -177,10 +177,17 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     eprintln!("connection closed: {closed:?}");
                     return Ok(ExitCode::FAILURE);
                 };
-                println!("{ev}");
-                let _ = std::io::stdout().flush();
                 if ev["type"] == "approval_request" {
-                    answer(&c, &id, &ev, approve).await?;
+                    // Marked: who asked, as far as this phone can tell.
+                    let a = c.approval(&ev).await;
+                    let mut shown = ev.clone();
+                    shown["sim_origin"] = json!(a.origin.as_str());
+                    println!("{shown}");
+                    let _ = std::io::stdout().flush();
+                    answer(&c, &id, &a, approve).await?;
+                } else {
+                    println!("{ev}");
+                    let _ = std::io::stdout().flush();
                 }
             }
         }
@@ -216,24 +223,37 @@ async fn admin(
         }
     };
     tokio::pin!(call);
+    // Our approval is the one our `approval_pending` names, never one that
+    // merely carries our request_id.
+    let own = c.own_approval(&rid, std::time::Duration::from_secs(86_400));
+    tokio::pin!(own);
+    let mut answered = false;
     loop {
         tokio::select! {
             r = &mut call => return r,
-            ev = c.next_event() => {
-                let Some(ev) = ev else { bail!("connection closed: {:?}", c.closed().await) };
-                if ev["type"] == "approval_request" && ev["request_id"] == rid.as_str() {
-                    match approve {
-                        Some(policy) => answer(c, id, &ev, policy).await?,
-                        None => eprintln!("waiting for approval on a phone: {}", ev["summary"].as_str().unwrap_or("")),
-                    }
+            a = &mut own, if !answered => {
+                answered = true;
+                let a = match a {
+                    Ok(a) => a,
+                    Err(client::ClientError::Closed(c)) => bail!("connection closed: {c:?}"),
+                    Err(e) => return Err(e.into()),
+                };
+                match approve {
+                    Some(policy) => answer(c, id, &a, policy).await?,
+                    None => eprintln!("waiting for approval on a phone: {}", a.summary),
                 }
             }
         }
     }
 }
 
-async fn answer(c: &Client, id: &Identity, req: &Value, policy: Approve) -> Result<()> {
-    let summary = req["summary"].as_str().unwrap_or("");
+async fn answer(c: &Client, id: &Identity, a: &Approval, policy: Approve) -> Result<()> {
+    let summary = match a.origin {
+        Origin::ThisSession => a.summary.clone(),
+        Origin::OtherSession => format!("[from another session of this device] {}", a.summary),
+        Origin::OtherDevice => format!("[from device {}] {}", a.origin_device_id, a.summary),
+    };
+    let summary = summary.as_str();
     let decision = match policy {
         Approve::Always => "approve",
         Approve::Never => "deny",
@@ -250,7 +270,7 @@ async fn answer(c: &Client, id: &Identity, req: &Value, policy: Approve) -> Resu
             if yes { "approve" } else { "deny" }
         }
     };
-    c.answer_approval(id, req, decision).await?;
+    c.answer_approval(id, &a.frame, decision).await?;
     eprintln!("{decision}d: {summary}");
     Ok(())
 }

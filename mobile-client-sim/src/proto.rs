@@ -95,3 +95,98 @@ pub fn action_digest(action: &str, params: &Value) -> String {
 pub fn device_id(public_key: &[u8]) -> String {
     hex::encode(&Sha256::digest(public_key)[..16])
 }
+
+/// The commitment TAG of SPEC §8 (v1.1): the first 16 lowercase hex
+/// characters of HMAC-SHA256(key = K, message). A string secret is committed
+/// over its UTF-8 bytes; this server commits any other JSON value over its
+/// RFC 8785 (JCS) text.
+pub fn commitment_tag(key: &[u8], message: &[u8]) -> String {
+    use hmac::{Hmac, Mac};
+    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
+    mac.update(message);
+    hex::encode(&mac.finalize().into_bytes()[..8])
+}
+
+/// Checks that `shown` (an approval request's params) shows exactly the
+/// params this phone `sent`: every value equal, except that a value shown as
+/// `"[redacted:TAG]"` must be the commitment of the sent value under `key`
+/// (the requester's `commitment_key`). Err names the first path that
+/// differs (never a value).
+pub fn check_own_params(sent: &Value, shown: &Value, key: Option<&[u8]>) -> Result<(), String> {
+    check_at(sent, shown, key, "params")
+}
+
+fn check_at(sent: &Value, shown: &Value, key: Option<&[u8]>, path: &str) -> Result<(), String> {
+    if sent == shown {
+        return Ok(());
+    }
+    match (sent, shown) {
+        (Value::Object(a), Value::Object(b)) => {
+            if a.len() != b.len() || a.keys().any(|k| !b.contains_key(k)) {
+                return Err(format!("{path}: other keys than the ones sent"));
+            }
+            for (k, v) in a {
+                check_at(v, &b[k], key, &format!("{path}.{k}"))?;
+            }
+            Ok(())
+        }
+        (Value::Array(a), Value::Array(b)) if a.len() == b.len() => {
+            for (i, (x, y)) in a.iter().zip(b).enumerate() {
+                check_at(x, y, key, &format!("{path}[{i}]"))?;
+            }
+            Ok(())
+        }
+        (sent, Value::String(s)) if s.starts_with("[redacted:") && s.ends_with(']') => {
+            let tag = &s["[redacted:".len()..s.len() - 1];
+            let Some(key) = key else {
+                return Err(format!("{path}: committed, but no commitment_key arrived"));
+            };
+            let message = match sent {
+                Value::String(v) => v.clone(),
+                other => serde_jcs::to_string(other).unwrap_or_default(),
+            };
+            if commitment_tag(key, message.as_bytes()) == tag {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{path}: the commitment is not the one of the value sent"
+                ))
+            }
+        }
+        _ => Err(format!("{path}: differs from what was sent")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_params_check_accepts_the_right_commitment_and_refuses_others() {
+        let k = [9u8; 32];
+        let sent = json!({"section": "llm", "value": {"api_key": "sk-1", "model": "m"}});
+        let shown = |tag: &str| json!({"section": "llm", "value": {"api_key": format!("[redacted:{tag}]"), "model": "m"}});
+        let good = commitment_tag(&k, b"sk-1");
+        assert_eq!(good.len(), 16);
+        assert!(check_own_params(&sent, &shown(&good), Some(&k)).is_ok());
+        // A tag over another value, a forged tag, no key, another key.
+        let other = commitment_tag(&k, b"sk-2");
+        assert!(check_own_params(&sent, &shown(&other), Some(&k)).is_err());
+        assert!(check_own_params(&sent, &shown("0000000000000000"), Some(&k)).is_err());
+        assert!(check_own_params(&sent, &shown(&good), None).is_err());
+        assert!(check_own_params(&sent, &shown(&good), Some(&[8u8; 32])).is_err());
+        // Other params beside the secret.
+        let mut changed = shown(&good);
+        changed["value"]["model"] = json!("evil");
+        assert!(check_own_params(&sent, &changed, Some(&k)).is_err());
+        changed = shown(&good);
+        changed["value"]["provider"] = json!("x");
+        assert!(check_own_params(&sent, &changed, Some(&k)).is_err());
+        // An empty secret is shown as "", not committed.
+        let empty = json!({"value": {"api_key": ""}});
+        assert!(check_own_params(&empty, &empty, None).is_ok());
+        // Errors never carry the value.
+        let e = check_own_params(&sent, &shown(&other), Some(&k)).unwrap_err();
+        assert!(!e.contains("sk-1"), "{e}");
+    }
+}

@@ -123,8 +123,10 @@ async fn pair_admin_and_watch_with_approvals() {
         .filter_map(|l| serde_json::from_str(&l).ok())
         .collect();
     assert!(
-        printed.iter().any(|e| e["type"] == "approval_request"),
-        "watch prints events: {printed:?}"
+        printed
+            .iter()
+            .any(|e| e["type"] == "approval_request" && e["sim_origin"] == "other_device"),
+        "watch prints events, marking requests from other devices: {printed:?}"
     );
     let _ = w.wait();
     // With the watcher gone, the phone approves its own request.

@@ -6,9 +6,18 @@
 //! non-revoked device's approval key lets it run, by handing the action an
 //! [`Approved`] value — which only this module can make, so a destructive
 //! handler cannot be called without approval.
+//!
+//! Limits (SPEC §8, v1.1): at most [`MAX_PENDING_PER_DEVICE`] approvals pend
+//! per originating device and [`MAX_PENDING`] in all (beyond: `busy`, before
+//! anything is created); a session gets at most [`MAX_REPLAY`] pending
+//! requests when it authenticates; the device a `revoke_device` targets
+//! cannot decide it; revoking a device expires what it originated.
+
+pub mod commitment;
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use jsonrpsee_core::server::Extensions;
@@ -20,11 +29,20 @@ use tokio::sync::Notify;
 use crate::auth::keys::{APPROVAL_LABEL, b64, random_bytes, signed_string, unb64};
 use crate::protocol::frames;
 use crate::protocol::{ApiError, ErrorCode};
-use crate::rpc::{ActionResult, Caller, parse_params, redact_secrets};
-use crate::sessions::SessionHandle;
+use crate::rpc::{ActionResult, Caller, parse_params};
+use crate::sessions::{Outbound, SessionHandle};
 use crate::state::AppState;
 use crate::storage::audit::jcs_digest;
 use crate::storage::devices;
+
+use commitment::{CommitmentKey, commit_secrets};
+
+/// Approvals pending at once per originating device (SPEC §8 Limits).
+pub const MAX_PENDING_PER_DEVICE: usize = 16;
+/// Approvals pending at once in all.
+pub const MAX_PENDING: usize = 128;
+/// Pending `approval_request`s replayed to a session that authenticates.
+pub const MAX_REPLAY: usize = 32;
 
 /// Proof that an approval for exactly these params was granted. Its fields
 /// are private and it has no public constructor.
@@ -53,6 +71,33 @@ pub struct Prepared<P> {
     pub summary: String,
 }
 
+impl<P> Prepared<P> {
+    /// Bars `device_id` from deciding this approval (the device a
+    /// `revoke_device` targets cannot decide its own revocation).
+    pub fn barring_decider(self, device_id: impl Into<String>) -> GateRequest<P> {
+        GateRequest {
+            prepared: self,
+            barred_decider: Some(device_id.into()),
+        }
+    }
+}
+
+/// A prepared action and who may not decide it: what `register_gated`
+/// takes from `prepare` (a plain [`Prepared`] converts into it).
+pub struct GateRequest<P> {
+    prepared: Prepared<P>,
+    barred_decider: Option<String>,
+}
+
+impl<P> From<Prepared<P>> for GateRequest<P> {
+    fn from(prepared: Prepared<P>) -> Self {
+        GateRequest {
+            prepared,
+            barred_decider: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Decision {
     Approved,
@@ -72,6 +117,11 @@ impl Decision {
 
 struct Pending {
     approval_id: String,
+    /// Creation order, for "oldest first".
+    seq: u64,
+    origin_device_id: String,
+    /// A device whose answer is `forbidden` (the target of `revoke_device`).
+    barred_decider: Option<String>,
     action_digest: String,
     challenge: String,
     expires_at: i64,
@@ -111,6 +161,7 @@ impl Pending {
 #[derive(Default)]
 pub struct Approvals {
     pending: Mutex<HashMap<String, Arc<Pending>>>,
+    next_seq: AtomicU64,
 }
 
 impl std::fmt::Debug for Approvals {
@@ -129,14 +180,66 @@ impl Approvals {
     /// Pending requests, oldest first.
     fn list(&self) -> Vec<Arc<Pending>> {
         let mut v: Vec<_> = self.lock().values().cloned().collect();
-        v.sort_by_key(|p| p.expires_at);
+        v.sort_by_key(|p| p.seq);
         v
+    }
+
+    /// Inserts `p` unless that would pass a cap; on refusal, the `busy`
+    /// error with the time until the earliest relevant expiry.
+    fn reserve(&self, p: Arc<Pending>, now: i64) -> Result<(), ApiError> {
+        let mut g = self.lock();
+        let mine = || {
+            g.values()
+                .filter(|q| q.origin_device_id == p.origin_device_id)
+        };
+        let (refusal, earliest) = if mine().count() >= MAX_PENDING_PER_DEVICE {
+            (
+                "this device already has the most approvals pending (16); decide or wait for one",
+                mine().map(|q| q.expires_at).min(),
+            )
+        } else if g.len() >= MAX_PENDING {
+            (
+                "too many approvals are pending (128); decide or wait for one",
+                g.values().map(|q| q.expires_at).min(),
+            )
+        } else {
+            g.insert(p.approval_id.clone(), p);
+            return Ok(());
+        };
+        let wait = earliest.map_or(1000, |t| (t - now).max(1)) as u64;
+        Err(ApiError::new(ErrorCode::Busy, refusal).with_retry_after(wait))
+    }
+
+    /// Devices that originated a pending approval.
+    pub fn origin_devices(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .lock()
+            .values()
+            .map(|p| p.origin_device_id.clone())
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    /// Expires (never runs) every undecided approval `device_id` originated;
+    /// their waiters announce `approval_result` `expired`. Returns how many.
+    pub fn expire_originated_by(&self, device_id: &str) -> usize {
+        let mine: Vec<_> = self
+            .lock()
+            .values()
+            .filter(|p| p.origin_device_id == device_id)
+            .cloned()
+            .collect();
+        mine.iter()
+            .filter(|p| p.decide(Decision::Expired, None))
+            .count()
     }
 }
 
 /// Registers a gated action. `prepare` validates (and may refuse) before
 /// any phone is asked; `run` executes after approval.
-pub fn register_gated<P, Prep, PrepFut, Run, RunFut>(
+pub fn register_gated<P, G, Prep, PrepFut, Run, RunFut>(
     actions: &mut crate::rpc::Actions,
     name: &'static str,
     prepare: Prep,
@@ -144,7 +247,8 @@ pub fn register_gated<P, Prep, PrepFut, Run, RunFut>(
 ) where
     P: DeserializeOwned + Send + 'static,
     Prep: Fn(Arc<AppState>, P) -> PrepFut + Clone + Send + Sync + 'static,
-    PrepFut: Future<Output = Result<Prepared<P>, ApiError>> + Send + 'static,
+    PrepFut: Future<Output = Result<G, ApiError>> + Send + 'static,
+    G: Into<GateRequest<P>>,
     Run: Fn(Arc<AppState>, Approved<P>) -> RunFut + Clone + Send + Sync + 'static,
     RunFut: Future<Output = ActionResult> + Send + 'static,
 {
@@ -162,12 +266,20 @@ pub fn register_gated<P, Prep, PrepFut, Run, RunFut>(
                         .ok_or_else(|| ApiError::internal("no caller"))?;
                     let raw: Map<String, Value> = parse_params(params.as_str())?;
                     let p: P = parse_params(params.as_str())?;
-                    let prepared = prepare(state.clone(), p).await?;
-                    let approval_id = gate(&state, &caller, name, &raw, &prepared.summary).await?;
+                    let request: GateRequest<P> = prepare(state.clone(), p).await?.into();
+                    let approval_id = gate(
+                        &state,
+                        &caller,
+                        name,
+                        &raw,
+                        &request.prepared.summary,
+                        request.barred_decider,
+                    )
+                    .await?;
                     run(
                         state,
                         Approved {
-                            params: prepared.params,
+                            params: request.prepared.params,
                             approval_id,
                         },
                     )
@@ -186,14 +298,21 @@ async fn gate(
     action: &str,
     raw: &Map<String, Value>,
     summary: &str,
+    barred_decider: Option<String>,
 ) -> Result<String, ApiError> {
-    let params = redact_secrets(&Value::Object(raw.clone()));
+    // Secret values are shown as commitments under a key only the requester
+    // gets; the key is never stored, and its only copy moves into that event.
+    let (params, commitment_key) = {
+        let key = CommitmentKey::generate();
+        let (params, committed) = commit_secrets(&Value::Object(raw.clone()), &key);
+        (params, committed.then(|| key.to_b64()))
+    };
     let action_digest = jcs_digest(&json!({"action": action, "params": params}));
     let approval_id = format!("apr_{}", hex::encode(random_bytes::<12>()));
     let challenge = b64(&random_bytes::<32>());
     let now = state.clock.now_ms();
     let expires_at = now + (state.config().approvals.timeout_secs as i64) * 1000;
-    let request = json!({
+    let mut request = json!({
         "approval_id": approval_id,
         "request_id": &*caller.request_id,
         "origin_device_id": &*caller.device_id,
@@ -206,6 +325,9 @@ async fn gate(
     });
     let pending = Arc::new(Pending {
         approval_id: approval_id.clone(),
+        seq: state.approvals.next_seq.fetch_add(1, Ordering::Relaxed),
+        origin_device_id: caller.device_id.to_string(),
+        barred_decider,
         action_digest,
         challenge,
         expires_at,
@@ -213,22 +335,38 @@ async fn gate(
         decision: Mutex::new(None),
         decided: Notify::new(),
     });
-    let (id, req_text) = (approval_id.clone(), request.to_string());
-    state
+    // The caps are checked and the slot taken under one lock, before
+    // anything is stored or sent.
+    state.approvals.reserve(pending.clone(), now)?;
+    // On disk: what restart-expiry needs, never the challenge (nor K, which
+    // is in no request).
+    if let Some(m) = request.as_object_mut() {
+        m.remove("challenge");
+    }
+    let (id, req_text, origin) = (
+        approval_id.clone(),
+        request.to_string(),
+        caller.device_id.to_string(),
+    );
+    let stored = state
         .db
         .call(move |c| {
             c.execute(
                 "INSERT INTO approvals(approval_id, request_json, status, created_at, expires_at) VALUES (?1, ?2, 'pending', ?3, ?4)",
                 rusqlite::params![id, req_text, now, expires_at],
             )?;
-            Ok(())
+            // A device revoked while this request was on its way: the
+            // revocation may have scanned the map before the insert above.
+            Ok(devices::get_device(c, &origin)?.is_none_or(|d| d.revoked))
         })
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?;
-    state
-        .approvals
-        .lock()
-        .insert(approval_id.clone(), pending.clone());
+        .await;
+    let origin_revoked = match stored {
+        Ok(revoked) => revoked,
+        Err(e) => {
+            state.approvals.lock().remove(&approval_id);
+            return Err(ApiError::internal(e.to_string()));
+        }
+    };
     state
         .audit(
             Some(&caller.device_id),
@@ -239,13 +377,22 @@ async fn gate(
         )
         .await;
     tracing::info!(approval = %approval_id, action, device = %caller.device_id, "approval requested");
-
-    state.sessions.broadcast(&pending.request_frame());
-    if let Some(origin) = state.sessions.get(&caller.session_id) {
-        origin.push_event(frames::event(
-            "approval_pending",
-            json!({"request_id": &*caller.request_id, "approval_id": approval_id, "expires_at": expires_at}),
-        ));
+    if origin_revoked {
+        // Never shown: it is expired (and announced so) at once.
+        pending.decide(Decision::Expired, None);
+    } else {
+        state.sessions.broadcast(&pending.request_frame());
+    }
+    if let Some(origin) = state
+        .sessions
+        .get(&caller.session_id)
+        .filter(|_| !origin_revoked)
+    {
+        let mut data = json!({"request_id": &*caller.request_id, "approval_id": approval_id, "expires_at": expires_at});
+        if let Some(k) = commitment_key {
+            data["commitment_key"] = Value::String(k);
+        }
+        origin.push_event(frames::event("approval_pending", data));
     }
 
     let expiry = state.clock.instant_at(expires_at);
@@ -380,6 +527,21 @@ pub async fn on_response(
             "the signing device is unknown or revoked",
         );
     };
+    if pending.barred_decider.as_deref() == Some(device.device_id.as_str()) {
+        state
+            .audit(
+                Some(&device.device_id),
+                "approval.response",
+                None,
+                "forbidden",
+                Some(approval_id),
+            )
+            .await;
+        return refuse(
+            ErrorCode::Forbidden,
+            "the device this approval would revoke cannot decide it",
+        );
+    }
     let msg = signed_string(&[
         APPROVAL_LABEL,
         approval_id,
@@ -411,12 +573,23 @@ pub async fn on_response(
     None
 }
 
-/// Sends every pending approval request to a session that just authenticated.
+/// Sends the oldest pending approval requests (at most [`MAX_REPLAY`]) to a
+/// session that just authenticated. The replay never closes the session: if
+/// its outbox has no room it stops (`list_approvals` has them all).
 pub async fn on_session_start(state: &AppState, session: &SessionHandle) {
     let now = state.clock.now_ms();
-    for p in state.approvals.list() {
-        if p.expires_at > now && p.decision().is_none() {
-            session.push_event(p.request_frame());
+    let live = state
+        .approvals
+        .list()
+        .into_iter()
+        .filter(|p| p.expires_at > now && p.decision().is_none());
+    for p in live.take(MAX_REPLAY) {
+        if session
+            .outbox
+            .try_send(Outbound::Text(p.request_frame()))
+            .is_err()
+        {
+            break;
         }
     }
 }
@@ -450,6 +623,11 @@ pub async fn expire_stale_on_start(state: &AppState) {
             tx.execute(
                 "UPDATE approvals SET status = 'expired', decided_at = ?1 WHERE status = 'pending'",
                 [now],
+            )?;
+            // Rows written before v1.1 kept the challenge; it never stays on disk.
+            tx.execute(
+                "UPDATE approvals SET request_json = json_remove(request_json, '$.challenge') WHERE json_extract(request_json, '$.challenge') IS NOT NULL",
+                [],
             )?;
             tx.commit()?;
             Ok(ids)

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use serde_json::{Value, json};
 
-use crate::approvals::{Approved, Prepared};
+use crate::approvals::{Approved, GateRequest, Prepared};
 use crate::clock::rfc3339_ms;
 use crate::protocol::ApiError;
 use crate::rpc::{ActionResult, Caller, NoParams};
@@ -37,11 +37,12 @@ pub struct RevokeDevice {
     pub device_id: String,
 }
 
-/// Validates `revoke_device` before any phone is asked: the device must exist.
+/// Validates `revoke_device` before any phone is asked: the device must
+/// exist. The target device cannot decide its own revocation (SPEC §8 Limits).
 pub async fn prepare_revoke(
     state: Arc<AppState>,
     p: RevokeDevice,
-) -> Result<Prepared<RevokeDevice>, ApiError> {
+) -> Result<GateRequest<RevokeDevice>, ApiError> {
     let id = p.device_id.clone();
     let device = state
         .db
@@ -53,10 +54,12 @@ pub async fn prepare_revoke(
         "Revoke device {} ({:?}): it will be disconnected and must pair again",
         device.device_id, device.device_name
     );
-    Ok(Prepared { params: p, summary })
+    let target = device.device_id.clone();
+    Ok(Prepared { params: p, summary }.barring_decider(target))
 }
 
-/// `revoke_device`, after approval: marks it revoked and closes its sessions (4403).
+/// `revoke_device`, after approval: marks it revoked, expires every approval
+/// it originated (never run) and closes its sessions (4403).
 pub async fn revoke_device(state: Arc<AppState>, approved: Approved<RevokeDevice>) -> ActionResult {
     let id = approved.params().device_id.clone();
     let id2 = id.clone();
@@ -68,9 +71,10 @@ pub async fn revoke_device(state: Arc<AppState>, approved: Approved<RevokeDevice
     if !found {
         return Err(ApiError::not_found(format!("no device {id:?}")));
     }
+    let expired = state.approvals.expire_originated_by(&id);
     let closed = state
         .sessions
         .close_device(&id, crate::protocol::close::REVOKED);
-    tracing::info!(device = %id, sessions = closed, approval = approved.approval_id(), "device revoked");
+    tracing::info!(device = %id, sessions = closed, expired, approval = approved.approval_id(), "device revoked");
     Ok(json!({"result": "success", "message": format!("Device '{id}' revoked")}))
 }
