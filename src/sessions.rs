@@ -137,6 +137,12 @@ impl Outbox {
         }
     }
 
+    /// Queues a frame if there is room; never waits and never closes (for
+    /// what may be skipped, like the approval replay). False if not queued.
+    pub fn try_push(&self, text: String) -> bool {
+        !self.is_closed() && self.try_queue(Outbound::Text(text)).is_ok()
+    }
+
     /// A ping, if there is room (never waits, never closes).
     pub fn ping(&self) {
         let _ = self.try_queue(Outbound::Ping);

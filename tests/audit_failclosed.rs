@@ -164,3 +164,39 @@ async fn unknown_action_names_never_reach_the_audit_log() {
     }
     assert_audit_verifies(s.path());
 }
+
+#[tokio::test]
+async fn an_action_approved_while_the_log_breaks_does_not_run() {
+    let s = TestServer::start().await;
+    let (c, id) = s.phone("p").await;
+    let c = std::sync::Arc::new(c);
+    let before = std::fs::read_to_string(s.path().join("config.toml")).unwrap();
+    let c2 = c.clone();
+    let h = tokio::spawn(async move {
+        c2.request(
+            "update_config",
+            json!({"section": "approvals", "value": {"timeout_secs": 61}}),
+        )
+        .await
+        .unwrap()
+    });
+    let req = c
+        .wait_event(std::time::Duration::from_secs(10), |f| {
+            f["type"] == "approval_request"
+        })
+        .await
+        .unwrap();
+    // The log breaks while the phone decides.
+    audit_now(&s).await;
+    let audit = s.path().join("audit");
+    std::fs::rename(&audit, s.path().join("audit.moved")).unwrap();
+    std::fs::write(&audit, "not a directory").unwrap();
+    c.answer_approval(&id, &req, "approve").await.unwrap();
+    let r = h.await.unwrap();
+    assert_eq!(r["code"], "unavailable", "{r}");
+    assert_eq!(
+        std::fs::read_to_string(s.path().join("config.toml")).unwrap(),
+        before,
+        "the approved change did not run unrecorded"
+    );
+}

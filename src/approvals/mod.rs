@@ -30,7 +30,7 @@ use crate::auth::keys::{APPROVAL_LABEL, b64, random_bytes, signed_string, unb64}
 use crate::protocol::frames;
 use crate::protocol::{ApiError, ErrorCode};
 use crate::rpc::{ActionResult, Caller, parse_params};
-use crate::sessions::{Outbound, SessionHandle};
+use crate::sessions::SessionHandle;
 use crate::state::AppState;
 use crate::storage::audit::jcs_digest;
 use crate::storage::devices;
@@ -408,9 +408,11 @@ async fn gate(
         }
     };
     let (decision, by) = decision.unwrap_or((Decision::Expired, None));
-    finish(state, &pending, decision, by.as_deref()).await;
+    let recorded = finish(state, &pending, decision, by.as_deref()).await;
     match decision {
-        Decision::Approved => Ok(approval_id),
+        // The record that lets the action run must be on disk first: with
+        // the audit log failing, an approved action does not run.
+        Decision::Approved => recorded.map(|()| approval_id),
         Decision::Denied => Err(ApiError::new(
             ErrorCode::ApprovalDenied,
             "the approval was denied on the phone",
@@ -422,8 +424,14 @@ async fn gate(
     }
 }
 
-/// Persists and announces a decision.
-async fn finish(state: &AppState, p: &Pending, d: Decision, by: Option<&str>) {
+/// Persists and announces a decision. For an approval, Err (`unavailable`)
+/// if its audit record could not be written: the action must not run.
+async fn finish(
+    state: &AppState,
+    p: &Pending,
+    d: Decision,
+    by: Option<&str>,
+) -> Result<(), ApiError> {
     state.approvals.lock().remove(&p.approval_id);
     let (id, status, by_owned, now) = (
         p.approval_id.clone(),
@@ -444,20 +452,24 @@ async fn finish(state: &AppState, p: &Pending, d: Decision, by: Option<&str>) {
     if let Err(e) = stored {
         tracing::error!(error = %e, "cannot store an approval decision");
     }
-    state
-        .audit(
-            by,
-            &format!("approval.{status}"),
-            Some(p.action_digest.clone()),
-            status,
-            Some(&p.approval_id),
-        )
-        .await;
+    let action = format!("approval.{status}");
+    let digest = Some(p.action_digest.clone());
+    let recorded = if d == Decision::Approved {
+        state
+            .audit_durable(by, &action, digest, status, Some(&p.approval_id))
+            .await
+    } else {
+        state
+            .audit(by, &action, digest, status, Some(&p.approval_id))
+            .await;
+        Ok(())
+    };
     tracing::info!(approval = %p.approval_id, status, "approval decided");
     state.sessions.broadcast(
         &json!({"type": "approval_result", "approval_id": p.approval_id, "status": status})
             .to_string(),
     );
+    recorded
 }
 
 /// Handles an `approval_response` frame; returns the error frame for its
@@ -584,11 +596,7 @@ pub async fn on_session_start(state: &AppState, session: &SessionHandle) {
         .into_iter()
         .filter(|p| p.expires_at > now && p.decision().is_none());
     for p in live.take(MAX_REPLAY) {
-        if session
-            .outbox
-            .try_send(Outbound::Text(p.request_frame()))
-            .is_err()
-        {
+        if !session.outbox.try_push(p.request_frame()) {
             break;
         }
     }
