@@ -542,3 +542,64 @@ async fn no_device_is_paired_while_the_audit_log_cannot_record_it() {
     assert_eq!(c.recv_frame().await.unwrap()["type"], "pair_ok");
     assert_eq!(device_count(s.path()), 1);
 }
+
+#[tokio::test]
+async fn mobile_sim_pins_the_tls_key_from_pair_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let write_cert = |dir: &Path| {
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        std::fs::write(dir.join("cert.pem"), cert.cert.pem()).unwrap();
+        std::fs::write(dir.join("key.pem"), cert.signing_key.serialize_pem()).unwrap();
+    };
+    write_cert(dir.path());
+    std::fs::write(
+        dir.path().join("config.toml"),
+        "[server]\ntls_cert = \"cert.pem\"\ntls_key = \"key.pem\"\n",
+    )
+    .unwrap();
+    let h = common::start_in(dir.path()).await;
+    let out = std::process::Command::new(bin())
+        .args(["pair", "--json", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let offer: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let pin = offer["tls_spki_sha256"].as_str().unwrap().to_string();
+    let url = offer["url"].as_str().unwrap().to_string();
+    assert!(url.starts_with("wss://"), "{url}");
+
+    // No CA: the pin alone authenticates the server.
+    let mut ep = Endpoint::new(url.clone());
+    ep.tls_pin = Some(pin.clone());
+    let mut id = Identity::generate("pinned phone", ApprovalAlg::Ed25519);
+    let code = offer["code"].as_str().unwrap();
+    let (c, _) = client::pair(&ep, &mut id, code, offer["server_key"].as_str())
+        .await
+        .unwrap();
+    assert_eq!(
+        id.pinned.as_ref().unwrap().tls_spki_sha256.as_deref(),
+        Some(pin.as_str())
+    );
+    c.close().await;
+    client::auth(&ep, &id)
+        .await
+        .expect("the pinned key matches");
+    let mut wrong = ep.clone();
+    wrong.tls_pin = Some("00".repeat(32));
+    assert!(
+        client::auth(&wrong, &id).await.is_err(),
+        "another pin is refused"
+    );
+
+    // The server's TLS key changes (same data dir, same server key): refused.
+    h.shutdown().await;
+    write_cert(dir.path());
+    let h = common::start_in(dir.path()).await;
+    let mut ep2 = ep.clone();
+    ep2.url = format!("wss://127.0.0.1:{}/ws", h.addr.port());
+    let Err(err) = client::auth(&ep2, &id).await else {
+        panic!("a server with another TLS key was accepted");
+    };
+    assert!(err.to_string().contains("pinned"), "{err}");
+    h.shutdown().await;
+}

@@ -159,6 +159,9 @@ pub struct Endpoint {
     pub ca: Option<PathBuf>,
     /// Local address to connect from (tests of per-address limits).
     pub from: Option<std::net::IpAddr>,
+    /// Pinned TLS key: hex SHA-256 of the certificate's SubjectPublicKeyInfo
+    /// (`tls_spki_sha256` from `secrets-agent pair --json`).
+    pub tls_pin: Option<String>,
 }
 
 impl Endpoint {
@@ -167,6 +170,7 @@ impl Endpoint {
             url: url.into(),
             ca: None,
             from: None,
+            tls_pin: None,
         }
     }
 }
@@ -272,7 +276,7 @@ pub async fn pair(
     code: &str,
     expected_server_key: Option<&str>,
 ) -> Result<(Client, Connected), ClientError> {
-    let mut conn = RawConn::connect_from(&ep.url, ep.ca.as_deref(), ep.from).await?;
+    let mut conn = RawConn::connect_endpoint(ep).await?;
     let (server_key, nonce, _ts) = read_challenge(&mut conn).await?;
     if let Some(k) = expected_server_key.filter(|k| *k != server_key) {
         return Err(ClientError::ServerKeyMismatch {
@@ -294,6 +298,7 @@ pub async fn pair(
         url: ep.url.clone(),
         server_key: server_key.clone(),
         device_id: out.1.device_id.clone(),
+        tls_spki_sha256: ep.tls_pin.clone(),
     });
     Ok(out)
 }
@@ -304,7 +309,7 @@ pub async fn auth(ep: &Endpoint, id: &Identity) -> Result<(Client, Connected), C
         .pinned
         .as_ref()
         .ok_or_else(|| ClientError::Protocol("this identity is not paired yet".into()))?;
-    let mut conn = RawConn::connect_from(&ep.url, ep.ca.as_deref(), ep.from).await?;
+    let mut conn = RawConn::connect_endpoint(ep).await?;
     let (server_key, nonce, ts) = read_challenge(&mut conn).await?;
     if server_key != pinned.server_key {
         return Err(ClientError::ServerKeyMismatch {

@@ -50,6 +50,9 @@ pub struct Pinned {
     pub url: String,
     pub server_key: String,
     pub device_id: String,
+    /// The TLS key pinned at pairing (`wss://`), if one was given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_spki_sha256: Option<String>,
 }
 
 #[derive(Clone)]

@@ -56,6 +56,10 @@ enum Cmd {
         /// The server key `secrets-agent pair` showed; pairing fails if the server's differs.
         #[arg(long)]
         server_key: Option<String>,
+        /// For wss://: the `tls_spki_sha256` that `secrets-agent pair --json`
+        /// showed. The TLS key is pinned: every later connection checks it.
+        #[arg(long)]
+        tls_pin: Option<String>,
         #[arg(long, default_value = "mobile-sim")]
         name: String,
         /// ed25519, or es256 (a Secure Enclave / StrongBox style P-256 key).
@@ -118,6 +122,7 @@ fn endpoint(id: &Identity, ca: &Option<PathBuf>) -> Result<Endpoint> {
     let pinned = id.pinned.as_ref().context("this phone is not paired")?;
     let mut ep = Endpoint::new(pinned.url.clone());
     ep.ca = ca.clone();
+    ep.tls_pin = pinned.tls_spki_sha256.clone();
     Ok(ep)
 }
 
@@ -127,12 +132,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             url,
             code,
             server_key,
+            tls_pin,
             name,
             approval_alg,
         } => {
             let mut id = Identity::generate(&name, approval_alg);
             let mut ep = Endpoint::new(url);
             ep.ca = cli.ca.clone();
+            ep.tls_pin = tls_pin;
             let (c, conn) = client::pair(&ep, &mut id, &code, server_key.as_deref()).await?;
             id.save(&cli.state)?;
             c.close().await;

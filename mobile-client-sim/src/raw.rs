@@ -46,6 +46,21 @@ pub async fn connect_ws_from(
     ca_pem: Option<&Path>,
     from: Option<std::net::IpAddr>,
 ) -> Result<Ws, ClientError> {
+    connect_ws_pinned(url, ca_pem, None, from).await
+}
+
+/// Like [`connect_ws_from`], for `wss://` with a pinned certificate key:
+/// `tls_pin` is the lowercase hex SHA-256 of the server certificate's
+/// SubjectPublicKeyInfo (`tls_spki_sha256` of `secrets-agent pair --json`).
+/// With a pin, the certificate is accepted exactly when its key matches
+/// (no CA needed, as for an SSH host key); the TLS handshake signature is
+/// still verified with that key.
+pub async fn connect_ws_pinned(
+    url: &str,
+    ca_pem: Option<&Path>,
+    tls_pin: Option<&str>,
+    from: Option<std::net::IpAddr>,
+) -> Result<Ws, ClientError> {
     let rest = url
         .strip_prefix("ws://")
         .map(|r| (false, r))
@@ -75,22 +90,37 @@ pub async fn connect_ws_from(
     tcp.set_nodelay(true)?;
     let io: BoxIo = if tls {
         use tokio_rustls::rustls;
-        let mut roots = rustls::RootCertStore::empty();
-        let ca = ca_pem.ok_or_else(|| {
-            ClientError::Protocol("wss:// needs a CA certificate (--ca PEM)".into())
-        })?;
-        let pem = std::fs::read(ca)?;
-        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-            roots
-                .add(cert?)
-                .map_err(|e| ClientError::Protocol(e.to_string()))?;
-        }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
-            .map_err(|e| ClientError::Protocol(e.to_string()))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let cfg = match tls_pin {
+            Some(pin) => builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(PinnedKey {
+                    pin: pin.to_ascii_lowercase(),
+                    algorithms: provider.signature_verification_algorithms,
+                }))
+                .with_no_client_auth(),
+            None => {
+                let mut roots = rustls::RootCertStore::empty();
+                let ca = ca_pem.ok_or_else(|| {
+                    ClientError::Protocol(
+                        "wss:// needs a CA certificate (--ca PEM) or a pinned key (--tls-pin)"
+                            .into(),
+                    )
+                })?;
+                let pem = std::fs::read(ca)?;
+                use rustls::pki_types::pem::PemObject;
+                for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
+                    let cert = cert.map_err(|e| ClientError::Protocol(e.to_string()))?;
+                    roots
+                        .add(cert)
+                        .map_err(|e| ClientError::Protocol(e.to_string()))?;
+                }
+                builder.with_root_certificates(roots).with_no_client_auth()
+            }
+        };
         let host = authority
             .rsplit_once(':')
             .map(|(h, _)| h)
@@ -133,6 +163,14 @@ impl RawConn {
     ) -> Result<RawConn, ClientError> {
         Ok(RawConn {
             ws: connect_ws_from(url, ca_pem, from).await?,
+        })
+    }
+
+    /// Connects to what `ep` names (CA or pinned key for `wss://`, source address).
+    pub async fn connect_endpoint(ep: &crate::client::Endpoint) -> Result<RawConn, ClientError> {
+        Ok(RawConn {
+            ws: connect_ws_pinned(&ep.url, ep.ca.as_deref(), ep.tls_pin.as_deref(), ep.from)
+                .await?,
         })
     }
 
@@ -182,6 +220,69 @@ impl RawConn {
             if let Incoming::Closed(c) = self.recv().await {
                 return c;
             }
+        }
+    }
+}
+
+/// Accepts the server certificate whose SubjectPublicKeyInfo hashes to the
+/// pin, and verifies the handshake signatures with its key.
+#[derive(Debug)]
+struct PinnedKey {
+    pin: String,
+    algorithms: tokio_rustls::rustls::crypto::WebPkiSupportedAlgorithms,
+}
+
+/// Lowercase hex SHA-256 of a DER certificate's SubjectPublicKeyInfo.
+pub fn spki_sha256(cert_der: &[u8]) -> Option<String> {
+    use sha2::Digest;
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
+    Some(hex::encode(sha2::Sha256::digest(
+        cert.tbs_certificate.subject_pki.raw,
+    )))
+}
+
+mod pinned_impl {
+    use super::PinnedKey;
+    use tokio_rustls::rustls::client::danger::{
+        HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier,
+    };
+    use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    use tokio_rustls::rustls::{DigitallySignedStruct, Error, SignatureScheme, crypto};
+
+    impl ServerCertVerifier for PinnedKey {
+        fn verify_server_cert(
+            &self,
+            end_entity: &CertificateDer<'_>,
+            _intermediates: &[CertificateDer<'_>],
+            _server_name: &ServerName<'_>,
+            _ocsp: &[u8],
+            _now: UnixTime,
+        ) -> Result<ServerCertVerified, Error> {
+            match super::spki_sha256(end_entity) {
+                Some(h) if h == self.pin => Ok(ServerCertVerified::assertion()),
+                _ => Err(Error::General(
+                    "the server's TLS key is not the pinned one".into(),
+                )),
+            }
+        }
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, Error> {
+            crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+        }
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, Error> {
+            crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+        }
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.algorithms.supported_schemes()
         }
     }
 }
