@@ -314,13 +314,14 @@ async fn upgrade(
     let path = req.path.unwrap_or("");
     let path_only = path.split('?').next().unwrap_or("");
     if parsed.is_err() || req.method != Some("GET") || path_only != "/ws" {
-        let status = if parsed.is_err() {
-            "400 Bad Request"
+        let (status, body) = if parsed.is_err() {
+            ("400 Bad Request", "malformed HTTP request\n")
         } else {
-            "404 Not Found"
+            ("404 Not Found", "not found\n")
         };
         let resp = format!(
-            "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-length: 10\r\nconnection: close\r\n\r\nnot found\n"
+            "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
         );
         io.write_all(resp.as_bytes()).await?;
         let _ = io.shutdown().await;

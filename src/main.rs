@@ -167,7 +167,7 @@ fn serve(dir: DataDir, listen: Option<String>) -> Result<ExitCode> {
         .enable_all()
         .max_blocking_threads(16)
         .build()?;
-    rt.block_on(async move {
+    let code = rt.block_on(async move {
         let opts = secrets_agent::Options {
             data_dir: dir.root.clone(),
             listen,
@@ -180,8 +180,12 @@ fn serve(dir: DataDir, listen: Option<String>) -> Result<ExitCode> {
             _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         }
         server.shutdown().await;
-        Ok(ExitCode::SUCCESS)
-    })
+        Ok::<_, anyhow::Error>(ExitCode::SUCCESS)
+    });
+    // Everything the server owns has stopped; a blocking call that still
+    // hangs (a webhook to a dead host, say) must not hold the exit.
+    rt.shutdown_timeout(std::time::Duration::from_millis(500));
+    code
 }
 
 /// Opens the data dir's database and config for a CLI command.

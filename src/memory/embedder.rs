@@ -50,6 +50,8 @@ enum Job {
     Load(PathBuf),
 }
 
+const STOPPED: &str = "the embedding thread stopped; restart the server";
+
 /// A handle to the embedding thread (cheap to clone).
 #[derive(Clone)]
 pub struct Embedder {
@@ -263,8 +265,26 @@ impl Embedder {
     /// after this call wait behind the load (in order on the embedder
     /// thread) instead of seeing the old status.
     pub fn reload(&self, dir: PathBuf) {
-        *self.status.write().unwrap_or_else(|p| p.into_inner()) = Status::Loading;
-        let _ = self.tx.try_send(Job::Load(dir));
+        use std::sync::mpsc::TrySendError;
+        let set = |st: &RwLock<Status>, s: Status| {
+            *st.write().unwrap_or_else(|p| p.into_inner()) = s;
+        };
+        set(&self.status, Status::Loading);
+        // The load job must arrive, or the status would stay "loading".
+        match self.tx.try_send(Job::Load(dir)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(job)) => {
+                let (tx, status) = (self.tx.clone(), self.status.clone());
+                std::thread::spawn(move || {
+                    if tx.send(job).is_err() {
+                        set(&status, Status::Unavailable(STOPPED.into()));
+                    }
+                });
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                set(&self.status, Status::Unavailable(STOPPED.into()))
+            }
+        }
     }
 
     /// Embeds texts in one batch; vectors are L2-normalised.
@@ -288,5 +308,41 @@ impl Embedder {
             .map_err(|_| "the embedder stopped".to_string())?;
         rx.blocking_recv()
             .map_err(|_| "the embedder stopped".to_string())?
+    }
+}
+
+#[cfg(test)]
+mod reload_tests {
+    use super::*;
+
+    fn embedder(capacity: usize) -> (Embedder, std::sync::mpsc::Receiver<Job>) {
+        let (tx, rx) = std::sync::mpsc::sync_channel(capacity);
+        let e = Embedder {
+            tx,
+            status: Arc::new(RwLock::new(Status::Ready {
+                model_id: "m".into(),
+            })),
+            library: Arc::from(Path::new("/nonexistent")),
+        };
+        (e, rx)
+    }
+
+    #[test]
+    fn a_reload_is_never_lost_in_a_full_queue() {
+        let (e, rx) = embedder(1);
+        e.reload("a".into());
+        e.reload("b".into()); // the queue is full: delivered when room frees
+        assert!(matches!(e.status(), Status::Loading));
+        let first = rx.recv().unwrap();
+        let second = rx.recv_timeout(std::time::Duration::from_secs(5)).unwrap();
+        assert!(matches!((first, second), (Job::Load(a), Job::Load(b)) if a == Path::new("a") && b == Path::new("b")));
+    }
+
+    #[test]
+    fn a_reload_with_no_thread_says_so_instead_of_loading_forever() {
+        let (e, rx) = embedder(1);
+        drop(rx);
+        e.reload("a".into());
+        assert!(matches!(e.status(), Status::Unavailable(m) if m.contains("restart")));
     }
 }

@@ -118,8 +118,16 @@ impl ApiError {
     pub fn not_found(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::NotFound, message)
     }
-    pub fn internal(message: impl Into<String>) -> Self {
-        Self::new(ErrorCode::Internal, message)
+    /// An internal failure: `detail` (which may hold database text or a
+    /// path) goes to the log; the peer gets a generic message. This is the
+    /// one place internal errors cross to the wire.
+    pub fn internal(detail: impl Into<String>) -> Self {
+        let detail = detail.into();
+        tracing::error!(%detail, "internal error");
+        Self::new(
+            ErrorCode::Internal,
+            "internal error: the server log has the details",
+        )
     }
     pub fn with_retry_after(mut self, ms: u64) -> Self {
         self.retry_after_ms = Some(ms);
