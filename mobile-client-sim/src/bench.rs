@@ -293,6 +293,8 @@ struct Measure {
     p99_us: f64,
     p999_us: f64,
     errors: u64,
+    /// CPU time the measured process spent per request, in µs (when known).
+    cpu_us_per_req: Option<f64>,
 }
 
 impl Measure {
@@ -307,8 +309,72 @@ impl Measure {
             p99_us: h.value_at_quantile(0.99) as f64,
             p999_us: h.value_at_quantile(0.999) as f64,
             errors,
+            cpu_us_per_req: None,
         }
     }
+}
+
+/// CPU time a process has used so far, in ns: the sum of its threads'
+/// `schedstat` run times (ns precision, unlike `stat`'s clock ticks).
+fn cpu_ns(pid: u32) -> Option<u64> {
+    let mut total = 0u64;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let s = std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok()?;
+        total += s.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(total)
+}
+
+/// Runs `f` and adds the CPU the process `pid` spent per request meanwhile.
+async fn with_cpu<F>(pid: Option<u32>, f: F) -> Result<Measure>
+where
+    F: std::future::Future<Output = Result<Measure>>,
+{
+    let before = pid.and_then(cpu_ns);
+    let mut m = f.await?;
+    if let (Some(pid), Some(before)) = (pid, before)
+        && let Some(after) = cpu_ns(pid)
+        && m.requests > 0
+    {
+        m.cpu_us_per_req = Some((after - before) as f64 / 1000.0 / m.requests as f64);
+    }
+    Ok(m)
+}
+
+/// Starts the server `tries` times on a fresh data dir and measures, each
+/// time, how long it takes from SIGTERM to the process's exit.
+async fn sigterm_to_exit(bin: &Path, tries: usize) -> Result<Vec<Duration>> {
+    let dir = std::env::temp_dir().join(format!("secrets-agent-bench-exit-{}", std::process::id()));
+    let _guard = tempdir::TempDirGuard(dir.clone());
+    let mut out = Vec::with_capacity(tries);
+    for _ in 0..tries {
+        let mut child = Command::new(bin)
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&dir)
+            .env("SECRETS_AGENT_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let stdout = child.stdout.take().context("server stdout")?;
+        tokio::task::spawn_blocking(move || {
+            use std::io::BufRead;
+            let mut line = String::new();
+            std::io::BufReader::new(stdout).read_line(&mut line)
+        })
+        .await??;
+        // Idle: listening, nothing connected.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let t = std::time::Instant::now();
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()?;
+        let status = tokio::task::spawn_blocking(move || child.wait()).await??;
+        out.push(t.elapsed());
+        if !status.success() {
+            bail!("the server exited with {status} after SIGTERM");
+        }
+    }
+    Ok(out)
 }
 
 fn hist() -> Histogram<u64> {
@@ -588,21 +654,28 @@ fn row(json_out: bool, name: &str, server: &Measure, echo: &Measure) {
     if json_out {
         println!(
             "{}",
-            json!({"scenario": name, "server": {"rps": server.rate(), "p50_us": server.p50_us, "p99_us": server.p99_us, "p999_us": server.p999_us, "requests": server.requests, "errors": server.errors},
-                   "echo": {"rps": echo.rate(), "p50_us": echo.p50_us, "p99_us": echo.p99_us, "p999_us": echo.p999_us, "requests": echo.requests},
+            json!({"scenario": name, "server": {"rps": server.rate(), "p50_us": server.p50_us, "p99_us": server.p99_us, "p999_us": server.p999_us, "requests": server.requests, "errors": server.errors, "cpu_us_per_req": server.cpu_us_per_req},
+                   "echo": {"rps": echo.rate(), "p50_us": echo.p50_us, "p99_us": echo.p99_us, "p999_us": echo.p999_us, "requests": echo.requests, "cpu_us_per_req": echo.cpu_us_per_req},
                    "ratio": {"rps": server.rate() / echo.rate(), "p50": server.p50_us / echo.p50_us, "p99": server.p99_us / echo.p99_us}})
         );
     } else {
+        let cpu = |m: &Measure| {
+            m.cpu_us_per_req
+                .map(|c| format!("{c:.1}"))
+                .unwrap_or_else(|| "-".into())
+        };
         println!(
-            "{name:<26} {:>11.0}/s {:>9.0} {:>9.0} {:>9.0} | {:>11.0}/s {:>8.0} {:>8.0} {:>8.0} | {:>5.2}x {:>5.2}x {:>5.2}x{}",
+            "{name:<26} {:>11.0}/s {:>9.0} {:>9.0} {:>9.0} {:>8} | {:>11.0}/s {:>8.0} {:>8.0} {:>8.0} {:>8} | {:>5.2}x {:>5.2}x {:>5.2}x{}",
             server.rate(),
             server.p50_us,
             server.p99_us,
             server.p999_us,
+            cpu(server),
             echo.rate(),
             echo.p50_us,
             echo.p99_us,
             echo.p999_us,
+            cpu(echo),
             server.rate() / echo.rate(),
             server.p50_us / echo.p50_us,
             server.p99_us / echo.p99_us,
@@ -634,22 +707,32 @@ pub async fn run(
             args.action, args.duration_secs, target.url
         );
         println!(
-            "{:<26} {:>13} {:>9} {:>9} {:>9} | {:>13} {:>8} {:>8} {:>8} | ratio rps/p50/p99",
+            "{:<26} {:>13} {:>9} {:>9} {:>9} {:>8} | {:>13} {:>8} {:>8} {:>8} {:>8} | ratio rps/p50/p99",
             "scenario (server | echo)",
             "rate",
             "p50 µs",
             "p99 µs",
             "p999 µs",
+            "CPU µs",
             "rate",
             "p50",
             "p99",
-            "p999"
+            "p999",
+            "CPU µs"
         );
     }
     for (name, c, k) in [("rtt1", 1, 1), ("c50k1", 50, 1), ("c50k32", 50, 32)] {
         if want(name) {
-            let s = closed_loop(&target.url, id, &args.action, c, k, dur).await?;
-            let e = closed_loop(&echo, None, &args.action, c, k, dur).await?;
+            let s = with_cpu(
+                target.pid,
+                closed_loop(&target.url, id, &args.action, c, k, dur),
+            )
+            .await?;
+            let e = with_cpu(
+                Some(echo_proc.child.id()),
+                closed_loop(&echo, None, &args.action, c, k, dur),
+            )
+            .await?;
             row(args.json, &format!("C={c} K={k}"), &s, &e);
         }
     }
@@ -665,9 +748,32 @@ pub async fn run(
         );
     }
     if want("handshakes") {
-        let s = handshakes(&target.url, id, 8, dur).await?;
-        let e = handshakes(&echo, None, 8, dur).await?;
+        let s = with_cpu(target.pid, handshakes(&target.url, id, 8, dur)).await?;
+        let e = with_cpu(Some(echo_proc.child.id()), handshakes(&echo, None, 8, dur)).await?;
         row(args.json, "full handshakes (8 workers)", &s, &e);
+    }
+    if want("sigterm") && args.url.is_none() {
+        let bin = match &args.server_bin {
+            Some(b) => b.clone(),
+            None => default_server_bin()?,
+        };
+        let mut t = sigterm_to_exit(&bin, 20).await?;
+        t.sort();
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        if args.json {
+            println!(
+                "{}",
+                json!({"scenario": "sigterm_to_exit", "tries": t.len(), "min_ms": ms(t[0]), "median_ms": ms(t[t.len() / 2]), "max_ms": ms(t[t.len() - 1])})
+            );
+        } else {
+            println!(
+                "SIGTERM to exit, idle ({} tries): min {:.1} ms, median {:.1} ms, max {:.1} ms",
+                t.len(),
+                ms(t[0]),
+                ms(t[t.len() / 2]),
+                ms(t[t.len() - 1])
+            );
+        }
     }
     if args.scenarios.split(',').any(|x| x.trim() == "soak") {
         let mix = args
