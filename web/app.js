@@ -133,6 +133,7 @@ async function route() {
   const active = VIEWS[id] ? id : "dashboard";
   renderNav(active);
   ctx.onEvent = null;
+  fill($("notice"));
   const root = $("view");
   root.dataset.view = active;
   if (active === "approvals") return renderApprovalsView(root);
@@ -174,13 +175,16 @@ function showApproval(request) {
   const expires = h("span", {}, when(request.expires_at));
   const approve = h("button", { type: "button", class: "approve", disabled: true }, "Approve with passkey");
   const deny = h("button", { type: "button", class: "danger", disabled: true }, "Deny with passkey");
-  const requester = request.origin_device_id === undefined ? request.requester : null;
+  // A secret release comes from a local process, named in its params (SPEC §10).
+  const proc = request.origin_device_id == null && request.params && request.params.requester;
+  const requester = proc
+    ? ` — ${proc.kind} ${proc.key}${proc.pid != null ? `, pid ${proc.pid}` : ""}${proc.exe ? `, ${proc.exe}` : ""}`
+    : "";
   const card = h("article", { class: "approval card", "data-approval": request.approval_id, "aria-labelledby": `t-${request.approval_id}` },
     h("h3", { id: `t-${request.approval_id}` }, request.summary),
     h("dl", { class: "kv" },
       h("dt", {}, "Action"), h("dd", {}, h("code", { class: "action" }, request.action)),
-      h("dt", {}, "Requested by"), h("dd", { class: "requester" }, deviceLabel(request.origin_device_id),
-        requester ? ` ${JSON.stringify(requester)}` : ""),
+      h("dt", {}, "Requested by"), h("dd", { class: "requester" }, deviceLabel(request.origin_device_id) + requester),
       h("dt", {}, "Expires"), h("dd", {}, expires),
       h("dt", {}, "Approval id"), h("dd", {}, h("code", {}, request.approval_id))),
     h("p", { class: "params-label" }, "Parameters (secret values appear as commitments):"),
@@ -199,6 +203,14 @@ function showApproval(request) {
   };
   approve.addEventListener("click", () => answer("approve"));
   deny.addEventListener("click", () => answer("deny"));
+  if (request.origin_device_id && !deviceNames.has(request.origin_device_id)) {
+    // A device paired since this page last asked: learn its name.
+    ctx.session.request("list_devices", {}).then((d) => {
+      deviceNames = new Map(d.devices.map((x) => [x.device_id, x.device_name]));
+      const dd = card.querySelector(".requester");
+      if (dd) dd.textContent = deviceLabel(request.origin_device_id) + requester;
+    }, () => {});
+  }
   approvals.set(request.approval_id, { request, card, check, error, approve, deny });
   panel.append(card);
   panel.hidden = false;

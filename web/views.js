@@ -257,7 +257,7 @@ export async function secrets(ctx, root) {
           h("button", { type: "button", class: "danger", onclick: async () => {
             ctx.notify("Deletion requested: approve it on the approval card (passkey).", "info");
             if (await run(ctx, "delete_secret", { name: s.name }, "")) secrets(ctx, root);
-          } }, "Delete…"))))), "Secrets"),
+          } }, "Delete…")))), "Secrets"),
     revealed,
     h("form", { class: "card", onsubmit: async (e) => {
       e.preventDefault();
