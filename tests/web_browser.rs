@@ -62,7 +62,7 @@ mod cdp {
     }
 
     impl Browser {
-        pub async fn launch(bin: &std::path::Path) -> Browser {
+        pub async fn launch(bin: &std::path::Path, extra: &[&str]) -> Browser {
             let profile = tempfile::tempdir().unwrap();
             let mut child = tokio::process::Command::new(bin)
                 .args([
@@ -76,6 +76,7 @@ mod cdp {
                     "--no-first-run",
                     "--disable-dev-shm-usage",
                 ])
+                .args(extra)
                 .arg(format!("--user-data-dir={}", profile.path().display()))
                 .arg("about:blank")
                 .stdin(std::process::Stdio::null())
@@ -292,8 +293,12 @@ use cdp::{Browser, Page};
 
 /// Chromium, or None after saying the test is skipped.
 async fn browser(test: &str) -> Option<Arc<Browser>> {
+    browser_with(test, &[]).await
+}
+
+async fn browser_with(test: &str, extra: &[&str]) -> Option<Arc<Browser>> {
     match cdp::chromium() {
-        Some(bin) => Some(Arc::new(Browser::launch(&bin).await)),
+        Some(bin) => Some(Arc::new(Browser::launch(&bin, extra).await)),
         None => {
             eprintln!(
                 "SKIPPED {test}: Chromium is not installed (apt-get install -y chromium; scripts/test.sh does it)"
@@ -693,6 +698,18 @@ async fn the_page_approves_a_config_change_sent_by_mobile_sim() {
     card_gone(&p, &approval).await;
     let text = std::fs::read_to_string(s.path().join("config.toml")).unwrap();
     assert!(text.contains("timeout_secs = 77"), "{text}");
+
+    // The connection indicator notices a stopped server and retries.
+    let mut s = s;
+    s.stop().await;
+    let state = p
+        .wait_for(
+            "the offline indicator",
+            "document.getElementById('conn').dataset.state === 'offline' && document.getElementById('conn').innerText",
+            20,
+        )
+        .await;
+    assert!(state.as_str().unwrap().contains("retrying in"), "{state}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1001,4 +1018,42 @@ async fn pairing_without_user_verification_is_refused() {
         1,
         "only the phone is paired"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_http_to_a_host_name_or_an_ip_explains_what_is_needed() {
+    // `agent.test` resolves to the server, but over plain http it is not a
+    // secure context: no WebCrypto keys, no passkeys.
+    let Some(b) = browser_with(
+        "plain_http_to_a_host_name_or_an_ip_explains_what_is_needed",
+        &["--host-resolver-rules=MAP agent.test 127.0.0.1"],
+    )
+    .await
+    else {
+        return;
+    };
+    let s = TestServer::start().await;
+    let port = web_origin(&s).rsplit(':').next().unwrap().to_string();
+    let p = b.page().await;
+    p.goto(&format!("http://agent.test:{port}/#pair={}", s.code())).await;
+    let text = p
+        .wait_for(
+            "the secure-context explanation",
+            "document.getElementById('secure-context')?.innerText",
+            20,
+        )
+        .await;
+    let text = text.as_str().unwrap();
+    assert!(text.contains("not a secure context") && text.contains("https://"), "{text}");
+    assert_eq!(p.eval("!!document.getElementById('pair-code')").await, false, "no pairing form");
+    // By IP address: a secure context on loopback, but no rp id.
+    p.goto(&format!("http://127.0.0.1:{port}/")).await;
+    let text = p
+        .wait_for(
+            "the host-name explanation",
+            "document.getElementById('secure-context')?.innerText",
+            20,
+        )
+        .await;
+    assert!(text.as_str().unwrap().contains("http://localhost:"), "{text}");
 }
