@@ -48,8 +48,10 @@ mod cdp {
 
     /// The Chromium binary, if installed.
     pub fn chromium() -> Option<std::path::PathBuf> {
+        // CHROMIUM names the binary; a path that does not exist skips the tests.
         if let Ok(p) = std::env::var("CHROMIUM") {
-            return Some(p.into());
+            let p = std::path::PathBuf::from(p);
+            return p.is_file().then_some(p);
         }
         [
             "/usr/bin/chromium",
@@ -1035,7 +1037,8 @@ async fn plain_http_to_a_host_name_or_an_ip_explains_what_is_needed() {
     let s = TestServer::start().await;
     let port = web_origin(&s).rsplit(':').next().unwrap().to_string();
     let p = b.page().await;
-    p.goto(&format!("http://agent.test:{port}/#pair={}", s.code())).await;
+    p.goto(&format!("http://agent.test:{port}/#pair={}", s.code()))
+        .await;
     let text = p
         .wait_for(
             "the secure-context explanation",
@@ -1044,8 +1047,15 @@ async fn plain_http_to_a_host_name_or_an_ip_explains_what_is_needed() {
         )
         .await;
     let text = text.as_str().unwrap();
-    assert!(text.contains("not a secure context") && text.contains("https://"), "{text}");
-    assert_eq!(p.eval("!!document.getElementById('pair-code')").await, false, "no pairing form");
+    assert!(
+        text.contains("not a secure context") && text.contains("https://"),
+        "{text}"
+    );
+    assert_eq!(
+        p.eval("!!document.getElementById('pair-code')").await,
+        false,
+        "no pairing form"
+    );
     // By IP address: a secure context on loopback, but no rp id.
     p.goto(&format!("http://127.0.0.1:{port}/")).await;
     let text = p
@@ -1055,5 +1065,8 @@ async fn plain_http_to_a_host_name_or_an_ip_explains_what_is_needed() {
             20,
         )
         .await;
-    assert!(text.as_str().unwrap().contains("http://localhost:"), "{text}");
+    assert!(
+        text.as_str().unwrap().contains("http://localhost:"),
+        "{text}"
+    );
 }

@@ -293,6 +293,36 @@ mod tests {
     }
 
     #[test]
+    fn a_passkey_sign_count_only_advances() {
+        let (_d, db) = db();
+        let dev = NewDevice {
+            device_id: "web1".into(),
+            device_name: "browser".into(),
+            public_key: vec![1; 32],
+            approval_public_key: vec![2; 91],
+            approval_key_alg: ApprovalAlg::WebauthnEs256,
+            webauthn: Some((b"cred".to_vec(), 2)),
+        };
+        db.blocking(|c| {
+            insert_pairing_code(c, "c1", 0, 300)?;
+            assert!(matches!(complete_pairing(c, "c1", 1, &dev)?, Paired::Stored(d) if d.sign_count == 2));
+            assert_eq!(advance_sign_count(c, "web1", &[2; 91], 2)?, None, "a repeated count");
+            assert_eq!(advance_sign_count(c, "web1", &[2; 91], 1)?, None, "a lower count");
+            assert_eq!(advance_sign_count(c, "web1", &[9; 91], 3)?, None, "another key");
+            assert_eq!(advance_sign_count(c, "web1", &[2; 91], 3)?, Some(2));
+            restore_sign_count(c, "web1", 3, 2)?;
+            assert_eq!(get_device(c, "web1")?.unwrap().sign_count, 2, "put back");
+            assert_eq!(advance_sign_count(c, "web1", &[2; 91], 5)?, Some(2));
+            restore_sign_count(c, "web1", 3, 2)?;
+            assert_eq!(get_device(c, "web1")?.unwrap().sign_count, 5, "a later count stays");
+            revoke_device(c, "web1")?;
+            assert_eq!(advance_sign_count(c, "web1", &[2; 91], 6)?, None, "revoked");
+            Ok(())
+        })
+        .unwrap();
+    }
+
+    #[test]
     fn a_row_is_updated_only_by_its_own_public_key() {
         let (_d, db) = db();
         let dev = |pk: u8, name: &str| NewDevice {
