@@ -724,8 +724,32 @@ async fn the_page_denies_with_the_passkey() {
     pair_page(&p, &s, "Desk browser").await;
     let (phone, _) = s.phone("Pixel 9").await;
     let phone = Arc::new(phone);
-    let pending = request_config_change(&phone, 78);
+    // A change carrying a secret: the card shows its commitment, never the value.
+    let p2 = phone.clone();
+    let pending = tokio::spawn(async move {
+        p2.request(
+            "update_config",
+            json!({"section": "llm", "value": {"model": "m2", "api_key": "sk-very-secret-value"}}),
+        )
+        .await
+        .unwrap()
+    });
     let approval = card_for(&p, "update_config").await;
+    let card = format!("article[data-approval=\"{approval}\"]");
+    let mark = p
+        .eval(&format!(
+            "document.querySelector('{card} mark.redacted')?.textContent"
+        ))
+        .await;
+    let mark = mark.as_str().expect("the redaction tag is marked");
+    assert!(
+        mark.starts_with("[redacted:") && mark.len() == "[redacted:]".len() + 16,
+        "{mark}"
+    );
+    let text = p
+        .eval("document.documentElement.outerHTML.includes('sk-very-secret-value')")
+        .await;
+    assert_eq!(text, false, "the secret is nowhere in the page");
     click_card(&p, &approval, "danger").await;
     let r = tokio::time::timeout(Duration::from_secs(20), pending)
         .await
@@ -735,7 +759,10 @@ async fn the_page_denies_with_the_passkey() {
     assert_eq!(r["code"], "approval_denied", "{r}");
     card_gone(&p, &approval).await;
     let text = std::fs::read_to_string(s.path().join("config.toml")).unwrap_or_default();
-    assert!(!text.contains("timeout_secs = 78"), "nothing changed");
+    assert!(
+        !text.contains("m2") && !text.contains("sk-very"),
+        "nothing changed"
+    );
 }
 
 /// The APPROVAL string of SPEC §4 for a request and decision.
@@ -1069,4 +1096,35 @@ async fn plain_http_to_a_host_name_or_an_ip_explains_what_is_needed() {
         text.as_str().unwrap().contains("http://localhost:"),
         "{text}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pages_jcs_digest_matches_the_servers() {
+    let Some(b) = browser("the_pages_jcs_digest_matches_the_servers").await else {
+        return;
+    };
+    let s = TestServer::start().await;
+    let p = b.page().await;
+    p.goto(&format!("{}/", web_origin(&s))).await;
+    let dir = secrets_agent::web::asset_dir();
+    // Values where canonical JSON is easy to get wrong: key order by UTF-16
+    // code units, escapes, non-ASCII, number forms, nesting, empties.
+    let cases = [
+        json!({"b": 1, "a": 2, "\u{e9}": 3, "\u{1f600}": 4, "\u{ff61}": 5, "A": 6, "": 7}),
+        json!({"s": "quote \" backslash \\ tab \t nl \n ctl \u{1} del \u{7f} \u{2028} é 😀 </script>"}),
+        json!({"n": [0, -0.0, 1, -1, 0.5, 1e21, 1e-7, 123456789012345u64, 1.5e300, 100, 0.1, 2.5e-5]}),
+        json!({"nested": {"z": [], "y": {}, "x": [null, true, false, {"b": [1, {"a": 0}]}]}}),
+        json!({"section": "llm", "value": {"model": "m2", "api_key": "[redacted:0123456789abcdef]"}}),
+    ];
+    for params in cases {
+        let want = secrets_agent::storage::audit::jcs_digest(
+            &json!({"action": "update_config", "params": params}),
+        );
+        let got = p
+            .eval(&format!(
+                "import('{dir}/jcs.js').then(m => m.actionDigest('update_config', {params}))"
+            ))
+            .await;
+        assert_eq!(got, want, "digest of {params}");
+    }
 }
