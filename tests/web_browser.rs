@@ -617,6 +617,12 @@ async fn the_owner_pairs_administers_and_deletes_a_memory_with_the_passkey() {
     );
     screenshot(&p, "web-dashboard.png").await;
 
+    // The other views, for a look (not committed).
+    for view in ["extensions", "scheduler", "config", "devices"] {
+        show(&p, view).await;
+        screenshot(&p, &format!("web-{view}.png")).await;
+    }
+
     // Secrets: the view asks the server and shows its answer.
     show(&p, "secrets").await;
     let secrets = p.eval("document.getElementById('view').innerText").await;

@@ -23,14 +23,16 @@ async function run(ctx, action, params, okText) {
 
 function toggle(label, checked, onChange) {
   const input = h("input", { type: "checkbox", role: "switch", "aria-label": label });
+  const text = h("span", { class: "switch-text", "aria-hidden": "true" }, checked ? "on" : "off");
   input.checked = !!checked;
   input.addEventListener("change", async () => {
     input.disabled = true;
     const ok = await onChange(input.checked);
     if (!ok) input.checked = !input.checked;
+    text.textContent = input.checked ? "on" : "off";
     input.disabled = false;
   });
-  return h("label", { class: "switch" }, input, h("span", { class: "switch-text" }, checked ? "on" : "off"));
+  return h("label", { class: "switch" }, input, text);
 }
 
 function table(headers, rows, caption) {
