@@ -571,6 +571,10 @@ async fn the_owner_pairs_administers_and_deletes_a_memory_with_the_passkey() {
         "the requester: {card}"
     );
     assert!(card.contains("The digest matches"), "{card}");
+    assert!(
+        card.contains("exactly the parameters this browser sent"),
+        "its own request: {card}"
+    );
     screenshot(&p, "web-approval-card.png").await;
     click_card(&p, &approval, "approve").await;
     card_gone(&p, &approval).await;
@@ -616,6 +620,26 @@ async fn the_owner_pairs_administers_and_deletes_a_memory_with_the_passkey() {
         "recent runs: {runs}"
     );
     screenshot(&p, "web-dashboard.png").await;
+
+    // A config change with a secret, asked from the page: its card checks
+    // the commitment against the value this page sent; then denied.
+    show(&p, "config").await;
+    p.eval("document.getElementById('config-value').value = '{\"model\": \"m3\", \"api_key\": \"sk-from-the-page\"}'; document.getElementById('config-submit').click(); true").await;
+    let approval = card_for(&p, "update_config").await;
+    p.wait_for(
+        "the own-request check",
+        &format!("document.querySelector('article[data-approval=\"{approval}\"] p.own')?.textContent.includes('exactly the parameters')"),
+        20,
+    )
+    .await;
+    click_card(&p, &approval, "danger").await;
+    card_gone(&p, &approval).await;
+    p.wait_for(
+        "the denial message",
+        "document.getElementById('notice').textContent.includes('approval_denied')",
+        20,
+    )
+    .await;
 
     // The other views, for a look (not committed).
     for view in ["extensions", "scheduler", "config", "devices"] {

@@ -190,9 +190,15 @@ export class Session {
     await this.ready;
     const requestId = `web-${this.nextId++}`;
     return new Promise((resolve, reject) => {
-      this.pending.set(requestId, { resolve, reject, action });
+      this.pending.set(requestId, { resolve, reject, action, params });
       this.ws.send(JSON.stringify({ type: "admin", request_id: requestId, payload: { action, ...params } }));
     });
+  }
+
+  /** The params of this session's request still in flight, if any. */
+  sentParams(requestId) {
+    const p = this.pending.get(requestId);
+    return p ? p.params : undefined;
   }
 
   /**

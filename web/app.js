@@ -3,7 +3,8 @@
 
 import { h, fill, when, jsonView } from "./dom.js";
 import { loadIdentity, saveIdentity, forgetIdentity, newDeviceKey, newPasskey } from "./keys.js";
-import { actionDigest } from "./jcs.js";
+import { actionDigest, checkOwnParams } from "./jcs.js";
+import { unb64u } from "./keys.js";
 import { pair, Session } from "./api.js";
 import * as views from "./views.js";
 
@@ -19,7 +20,8 @@ const VIEWS = {
 };
 
 const $ = (id) => document.getElementById(id);
-const approvals = new Map(); // approval_id -> {request, card}
+const approvals = new Map(); // approval_id -> {request, card, ...}
+const own = new Map(); // approval_id -> {params, key}: this page's own requests (approval_pending)
 let deviceNames = new Map();
 let ctx = null;
 
@@ -171,6 +173,7 @@ function showApproval(request) {
   if (approvals.has(request.approval_id)) return;
   const panel = $("approvals");
   const check = h("p", { class: "digest" }, "Checking the digest…");
+  const mine = h("p", { class: "own" });
   const error = h("p", { class: "error-text", role: "alert" });
   const expires = h("span", {}, when(request.expires_at));
   const approve = h("button", { type: "button", class: "approve", disabled: true }, "Approve with passkey");
@@ -188,7 +191,7 @@ function showApproval(request) {
       h("dt", {}, "Expires"), h("dd", {}, expires),
       h("dt", {}, "Approval id"), h("dd", {}, h("code", {}, request.approval_id))),
     h("p", { class: "params-label" }, "Parameters (secret values appear as commitments):"),
-    jsonView(request.params), check, error, h("div", { class: "buttons" }, approve, deny));
+    jsonView(request.params), check, mine, error, h("div", { class: "buttons" }, approve, deny));
   const answer = async (decision) => {
     approve.disabled = deny.disabled = true;
     fill(error);
@@ -199,6 +202,7 @@ function showApproval(request) {
       const msg = e.name === "NotAllowedError" ? "The passkey request was cancelled or not allowed." : e.message;
       fill(error, msg);
       approve.disabled = deny.disabled = e.code === "digest_mismatch";
+      approve.disabled ||= entry.refused;
     }
   };
   approve.addEventListener("click", () => answer("approve"));
@@ -211,14 +215,17 @@ function showApproval(request) {
       if (dd) dd.textContent = deviceLabel(request.origin_device_id) + requester;
     }, () => {});
   }
-  approvals.set(request.approval_id, { request, card, check, error, approve, deny });
+  const entry = { request, card, check, mine, error, approve, deny, refused: false };
+  approvals.set(request.approval_id, entry);
   panel.append(card);
   panel.hidden = false;
   renderNav($("view").dataset.view);
   actionDigest(request.action, request.params).then((d) => {
     if (d === request.action_digest) {
       fill(check, h("span", { class: "ok-text" }, "✓ The digest matches this action and these parameters."));
-      approve.disabled = deny.disabled = false;
+      deny.disabled = false;
+      approve.disabled = entry.refused;
+      checkOwn(request.approval_id);
     } else {
       fill(check, h("span", { class: "error-text" }, "✗ The digest does NOT match the action and parameters shown: this page will not sign it."));
       card.classList.add("mismatch");
@@ -226,7 +233,24 @@ function showApproval(request) {
   }, (e) => fill(check, h("span", { class: "error-text" }, `The digest cannot be checked (${e.message}): this page will not sign it.`)));
 }
 
+/** For this page's own request: are the params shown the ones it sent? */
+async function checkOwn(id) {
+  const a = approvals.get(id);
+  const o = own.get(id);
+  if (!a || !o || o.params === undefined) return;
+  const diff = await checkOwnParams(o.params, a.request.params, o.key);
+  if (diff) {
+    a.refused = true;
+    a.approve.disabled = true;
+    a.card.classList.add("mismatch");
+    fill(a.mine, h("span", { class: "error-text" }, `✗ This browser asked for something else (${diff}): it will not approve this.`));
+  } else {
+    fill(a.mine, h("span", { class: "ok-text" }, "✓ These are exactly the parameters this browser sent."));
+  }
+}
+
 function dropApproval(id, status) {
+  own.delete(id);
   const a = approvals.get(id);
   if (!a) return;
   approvals.delete(id);
@@ -244,11 +268,18 @@ function onFrame(f) {
     const a = f.approval_id && approvals.get(f.approval_id);
     if (a) {
       fill(a.error, `The server refused the answer: ${f.message} (${f.code})`);
-      a.approve.disabled = a.deny.disabled = false;
+      a.approve.disabled = a.refused;
+      a.deny.disabled = false;
     } else notify(`${f.message} (${f.code})`, "error");
     return;
   }
   if (f.type === "event") {
+    if (f.event === "approval_pending" && f.data) {
+      const key = f.data.commitment_key ? unb64u(f.data.commitment_key) : null;
+      own.set(f.data.approval_id, { params: ctx.session.sentParams(f.data.request_id), key });
+      checkOwn(f.data.approval_id);
+      return;
+    }
     if (ctx.onEvent) ctx.onEvent(f);
     if (f.event === "task_finished" && f.data) {
       const ok = f.data.success;
