@@ -570,7 +570,9 @@ pub async fn on_response(
         &pending.challenge,
         decision,
     ]);
-    let verified = match (device.approval_key_alg, &sig) {
+    // Ok(Some(signCount)) for a passkey, Ok(None) for a plain signature,
+    // Err(()) when it does not verify.
+    let verified: Result<Option<u32>, ()> = match (device.approval_key_alg, &sig) {
         (ApprovalAlg::WebauthnEs256, ResponseSignature::Webauthn(a)) => {
             match webauthn::verify(
                 &device.approval_public_key,
@@ -578,10 +580,10 @@ pub async fn on_response(
                 &state.web_origin,
                 msg.as_bytes(),
             ) {
-                Ok(n) => Some(Some(n)),
+                Ok(n) => Ok(Some(n)),
                 Err(e) => {
                     tracing::debug!(approval = %approval_id, reason = %e, "approval assertion refused");
-                    None
+                    Err(())
                 }
             }
         }
@@ -597,36 +599,41 @@ pub async fn on_response(
                 "this device's approval key is not a passkey: signature is base64url bytes",
             );
         }
-        (alg, ResponseSignature::Bytes(b)) => alg
-            .verify(&device.approval_public_key, msg.as_bytes(), b)
-            .then_some(None),
+        (alg, ResponseSignature::Bytes(b)) => {
+            if alg.verify(&device.approval_public_key, msg.as_bytes(), b) {
+                Ok(None)
+            } else {
+                Err(())
+            }
+        }
     };
     // A passkey's signCount must advance (SPEC §11): checked and stored with
     // one compare-and-set, and put back if the decision is not made, so the
     // count moves exactly when a decision is recorded.
-    let counted = match verified {
-        Some(Some(n)) => {
+    // Ok(Some((stored, new))) once a passkey's count has moved.
+    let counted: Result<Option<(u32, u32)>, ()> = match verified {
+        Ok(Some(n)) => {
             let (id, key) = (device.device_id.clone(), device.approval_public_key.clone());
             match state
                 .db
                 .call(move |c| devices::advance_sign_count(c, &id, &key, n))
                 .await
             {
-                Ok(Some(before)) => Some(Some((before, n))),
+                Ok(Some(before)) => Ok(Some((before, n))),
                 Ok(None) => {
                     tracing::debug!(approval = %approval_id, "approval assertion refused: signCount did not advance");
-                    None
+                    Err(())
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "cannot check a passkey's signCount");
-                    None
+                    Err(())
                 }
             }
         }
-        Some(None) => Some(None),
-        None => None,
+        Ok(None) => Ok(None),
+        Err(()) => Err(()),
     };
-    let Some(counted) = counted else {
+    let Ok(counted) = counted else {
         state
             .audit(
                 Some(&device.device_id),
