@@ -641,10 +641,47 @@ async fn the_owner_pairs_administers_and_deletes_a_memory_with_the_passkey() {
     )
     .await;
 
-    // The other views, for a look (not committed).
-    for view in ["extensions", "scheduler", "config", "devices"] {
+    // Paging: 20 more memories (from the phone) make a second page.
+    for i in 0..20 {
+        phone
+            .request(
+                "create_memory",
+                json!({"content": format!("bulk note {i}")}),
+            )
+            .await
+            .unwrap();
+    }
+    show(&p, "memory").await;
+    assert_eq!(
+        p.eval("document.getElementById('memory-page').textContent")
+            .await,
+        "Page 1 of 2 · 22 memories"
+    );
+    p.eval("[...document.querySelectorAll('nav.pager button')].find(b => b.textContent.startsWith('Older')).click(); true").await;
+    p.wait_for(
+        "page 2",
+        "document.getElementById('memory-page').textContent === 'Page 2 of 2 · 22 memories' && document.querySelectorAll('#memory-list li.memory').length === 2",
+        20,
+    )
+    .await;
+
+    // The other views, for a look (not committed); every control has a label.
+    for view in [
+        "extensions",
+        "memory",
+        "scheduler",
+        "config",
+        "devices",
+        "dashboard",
+    ] {
         show(&p, view).await;
-        screenshot(&p, &format!("web-{view}.png")).await;
+        let unlabelled = p
+            .eval("[...document.querySelectorAll('input, select, textarea, button')].filter(e => !(e.labels && e.labels.length) && !e.getAttribute('aria-label') && !e.textContent.trim()).map(e => e.outerHTML)")
+            .await;
+        assert_eq!(unlabelled, json!([]), "controls without a label in {view}");
+        if view != "dashboard" {
+            screenshot(&p, &format!("web-{view}.png")).await;
+        }
     }
 
     // Secrets: the view asks the server and shows its answer.
