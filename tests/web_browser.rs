@@ -37,6 +37,8 @@ mod cdp {
     type Waiters = Arc<Mutex<HashMap<u64, oneshot::Sender<Value>>>>;
 
     pub struct Browser {
+        /// One browser at a time on this machine (see `browser_with`).
+        _turn: tokio::sync::MutexGuard<'static, ()>,
         _child: tokio::process::Child,
         _profile: tempfile::TempDir,
         out: mpsc::UnboundedSender<String>,
@@ -64,7 +66,11 @@ mod cdp {
     }
 
     impl Browser {
-        pub async fn launch(bin: &std::path::Path, extra: &[&str]) -> Browser {
+        pub async fn launch(
+            bin: &std::path::Path,
+            extra: &[&str],
+            turn: tokio::sync::MutexGuard<'static, ()>,
+        ) -> Browser {
             let profile = tempfile::tempdir().unwrap();
             let mut child = tokio::process::Command::new(bin)
                 .args([
@@ -146,6 +152,7 @@ mod cdp {
                 }
             });
             Browser {
+                _turn: turn,
                 _child: child,
                 _profile: profile,
                 out,
@@ -274,7 +281,7 @@ mod cdp {
 
         pub async fn goto(&self, url: &str) {
             self.cmd("Page.navigate", json!({"url": url})).await;
-            self.wait_for("the page to load", "document.readyState === 'complete'", 30)
+            self.wait_for("the page to load", "document.readyState === 'complete'", 60)
                 .await;
         }
 
@@ -298,9 +305,15 @@ async fn browser(test: &str) -> Option<Arc<Browser>> {
     browser_with(test, &[]).await
 }
 
+/// The tests take turns: one Chromium at a time keeps them well inside
+/// their timeouts on a small, shared machine.
+static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn browser_with(test: &str, extra: &[&str]) -> Option<Arc<Browser>> {
     match cdp::chromium() {
-        Some(bin) => Some(Arc::new(Browser::launch(&bin, extra).await)),
+        Some(bin) => Some(Arc::new(
+            Browser::launch(&bin, extra, TURN.lock().await).await,
+        )),
         None => {
             eprintln!(
                 "SKIPPED {test}: Chromium is not installed (apt-get install -y chromium; scripts/test.sh does it)"
@@ -342,7 +355,7 @@ async fn pair_page(p: &Page, s: &TestServer, name: &str) -> String {
     p.wait_for(
         "the pairing form",
         "document.getElementById('pair-code')?.value",
-        20,
+        60,
     )
     .await;
     assert_eq!(
@@ -358,14 +371,14 @@ async fn pair_page(p: &Page, s: &TestServer, name: &str) -> String {
     p.wait_for(
         "the session after pairing",
         "document.getElementById('conn')?.dataset.state === 'connected' && document.getElementById('view')?.dataset.loaded",
-        30,
+        60,
     )
     .await;
     let id = p
         .wait_for(
             "the device id in IndexedDB",
             "new Promise(r => { const q = indexedDB.open('secrets-agent'); q.onsuccess = () => { const g = q.result.transaction('identity').objectStore('identity').get('device'); g.onsuccess = () => r(g.result && g.result.deviceId); }; })",
-            10,
+            60,
         )
         .await;
     id.as_str().unwrap().to_string()
@@ -380,7 +393,7 @@ async fn show(p: &Page, view: &str) {
     p.wait_for(
         &format!("view {view}"),
         &format!("document.getElementById('view').dataset.loaded === '{view}'"),
-        20,
+        60,
     )
     .await;
 }
@@ -402,7 +415,7 @@ async fn card_for(p: &Page, action: &str) -> String {
     let js = format!(
         "[...document.querySelectorAll('article.approval')].filter(a => a.querySelector('code.action').textContent === '{action}' && !a.querySelector('button.approve').disabled).map(a => a.dataset.approval)[0]"
     );
-    p.wait_for(&format!("an approval card for {action}"), &js, 20)
+    p.wait_for(&format!("an approval card for {action}"), &js, 60)
         .await
         .as_str()
         .unwrap()
@@ -420,7 +433,7 @@ async fn card_gone(p: &Page, approval_id: &str) {
     p.wait_for(
         "the approval card to go",
         &format!("!document.querySelector('article[data-approval=\"{approval_id}\"]')"),
-        20,
+        60,
     )
     .await;
 }
@@ -489,7 +502,7 @@ async fn the_owner_pairs_administers_and_deletes_a_memory_with_the_passkey() {
     p.wait_for(
         "the toggle's confirmation",
         "document.getElementById('notice').textContent.includes(\"Plugin 'hello-plugin' disabled\")",
-        20,
+        60,
     )
     .await;
     let plugins = phone.request("list_plugins", json!({})).await.unwrap();
@@ -528,7 +541,7 @@ async fn the_owner_pairs_administers_and_deletes_a_memory_with_the_passkey() {
                 "document.querySelectorAll('#memory-list li.memory').length === {}",
                 i + 1
             ),
-            30,
+            60,
         )
         .await;
     }
@@ -542,7 +555,7 @@ async fn the_owner_pairs_administers_and_deletes_a_memory_with_the_passkey() {
         .wait_for(
             "search results",
             "document.querySelector('#search-results li.memory .memory-content')?.textContent",
-            30,
+            60,
         )
         .await;
     assert_eq!(first, notes[0].0, "the best match comes first");
@@ -581,7 +594,7 @@ async fn the_owner_pairs_administers_and_deletes_a_memory_with_the_passkey() {
     p.wait_for(
         "the list without the memory",
         "document.getElementById('memory-page')?.textContent === 'Page 1 of 1 · 2 memories'",
-        20,
+        60,
     )
     .await;
     let left = phone
@@ -604,7 +617,7 @@ async fn the_owner_pairs_administers_and_deletes_a_memory_with_the_passkey() {
     p.wait_for(
         "the run in the task's history",
         "document.querySelector('#task-history tbody')?.innerText.includes('ok')",
-        20,
+        60,
     )
     .await;
 
@@ -629,7 +642,7 @@ async fn the_owner_pairs_administers_and_deletes_a_memory_with_the_passkey() {
     p.wait_for(
         "the own-request check",
         &format!("document.querySelector('article[data-approval=\"{approval}\"] p.own')?.textContent.includes('exactly the parameters')"),
-        20,
+        60,
     )
     .await;
     click_card(&p, &approval, "danger").await;
@@ -637,7 +650,7 @@ async fn the_owner_pairs_administers_and_deletes_a_memory_with_the_passkey() {
     p.wait_for(
         "the denial message",
         "document.getElementById('notice').textContent.includes('approval_denied')",
-        20,
+        60,
     )
     .await;
 
@@ -661,7 +674,7 @@ async fn the_owner_pairs_administers_and_deletes_a_memory_with_the_passkey() {
     p.wait_for(
         "page 2",
         "document.getElementById('memory-page').textContent === 'Page 2 of 2 · 22 memories' && document.querySelectorAll('#memory-list li.memory').length === 2",
-        20,
+        60,
     )
     .await;
 
@@ -759,7 +772,7 @@ async fn the_page_approves_a_config_change_sent_by_mobile_sim() {
         "the params are shown: {card}"
     );
     click_card(&p, &approval, "approve").await;
-    let r = tokio::time::timeout(Duration::from_secs(20), pending)
+    let r = tokio::time::timeout(Duration::from_secs(60), pending)
         .await
         .unwrap()
         .unwrap();
@@ -775,7 +788,7 @@ async fn the_page_approves_a_config_change_sent_by_mobile_sim() {
         .wait_for(
             "the offline indicator",
             "document.getElementById('conn').dataset.state === 'offline' && document.getElementById('conn').innerText",
-            20,
+            60,
         )
         .await;
     assert!(state.as_str().unwrap().contains("retrying in"), "{state}");
@@ -818,7 +831,7 @@ async fn the_page_denies_with_the_passkey() {
         .await;
     assert_eq!(text, false, "the secret is nowhere in the page");
     click_card(&p, &approval, "danger").await;
-    let r = tokio::time::timeout(Duration::from_secs(20), pending)
+    let r = tokio::time::timeout(Duration::from_secs(60), pending)
         .await
         .unwrap()
         .unwrap();
@@ -888,7 +901,7 @@ async fn answer(
         .await
         .unwrap();
     let ev = phone
-        .wait_event(Duration::from_secs(20), |v| {
+        .wait_event(Duration::from_secs(60), |v| {
             (v["type"] == "error" || v["type"] == "approval_result") && v["approval_id"] == id
         })
         .await
@@ -937,7 +950,7 @@ async fn forged_replayed_and_unverified_assertions_are_refused() {
     for secs in [61, 62, 63] {
         waits.push(request_config_change(&phone, secs));
         let r = phone
-            .wait_event(Duration::from_secs(20), |v| v["type"] == "approval_request")
+            .wait_event(Duration::from_secs(60), |v| v["type"] == "approval_request")
             .await
             .unwrap();
         reqs.push(r);
@@ -985,7 +998,7 @@ async fn forged_replayed_and_unverified_assertions_are_refused() {
         answer(&phone, &browser_device, bb, "approve", &y).await,
         "decided"
     );
-    let b_result = tokio::time::timeout(Duration::from_secs(20), waits.remove(1))
+    let b_result = tokio::time::timeout(Duration::from_secs(60), waits.remove(1))
         .await
         .unwrap()
         .unwrap();
@@ -1067,7 +1080,7 @@ async fn forged_replayed_and_unverified_assertions_are_refused() {
         answer(&phone, &browser_device, a, "approve", &good).await,
         "decided"
     );
-    let r = tokio::time::timeout(Duration::from_secs(20), waits.remove(0))
+    let r = tokio::time::timeout(Duration::from_secs(60), waits.remove(0))
         .await
         .unwrap()
         .unwrap();
@@ -1091,7 +1104,7 @@ async fn pairing_without_user_verification_is_refused() {
     p.wait_for(
         "the pairing form",
         "document.getElementById('pair-code')?.value",
-        20,
+        60,
     )
     .await;
     p.eval("document.getElementById('pair-submit').click(); true")
@@ -1100,7 +1113,7 @@ async fn pairing_without_user_verification_is_refused() {
         .wait_for(
             "the pairing to fail",
             "document.getElementById('pair-status').textContent.includes('failed') && document.getElementById('pair-status').textContent",
-            30,
+            60,
         )
         .await;
     assert!(
@@ -1137,7 +1150,7 @@ async fn plain_http_to_a_host_name_or_an_ip_explains_what_is_needed() {
         .wait_for(
             "the secure-context explanation",
             "document.getElementById('secure-context')?.innerText",
-            20,
+            60,
         )
         .await;
     let text = text.as_str().unwrap();
@@ -1156,7 +1169,7 @@ async fn plain_http_to_a_host_name_or_an_ip_explains_what_is_needed() {
         .wait_for(
             "the host-name explanation",
             "document.getElementById('secure-context')?.innerText",
-            20,
+            60,
         )
         .await;
     assert!(
