@@ -781,9 +781,18 @@ async fn the_page_approves_a_config_change_sent_by_mobile_sim() {
     let text = std::fs::read_to_string(s.path().join("config.toml")).unwrap();
     assert!(text.contains("timeout_secs = 77"), "{text}");
 
-    // The connection indicator notices a stopped server and retries.
+    // The connection indicator notices a stopped server and retries; an
+    // approval pending at the stop is expired by the restart, and its card
+    // goes when the page is back.
+    let pending = request_config_change(&phone, 79);
+    let stale = card_for(&p, "update_config").await;
     let mut s = s;
     s.stop().await;
+    let answer = tokio::time::timeout(Duration::from_secs(60), pending)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(answer["code"], "unavailable", "{answer}");
     let state = p
         .wait_for(
             "the offline indicator",
@@ -792,6 +801,32 @@ async fn the_page_approves_a_config_change_sent_by_mobile_sim() {
         )
         .await;
     assert!(state.as_str().unwrap().contains("retrying in"), "{state}");
+    let port = web_origin_port(&web_origin_of_url(&s.url));
+    let again = secrets_agent::start(secrets_agent::Options {
+        data_dir: s.path().to_path_buf(),
+        listen: Some(format!("127.0.0.1:{port}")),
+        print_pairing_code: false,
+    })
+    .await
+    .unwrap();
+    p.wait_for(
+        "the page back online",
+        "document.getElementById('conn').dataset.state === 'connected'",
+        60,
+    )
+    .await;
+    card_gone(&p, &stale).await;
+    again.shutdown().await;
+}
+
+/// `http://localhost:PORT` of a `ws://127.0.0.1:PORT/ws` URL.
+fn web_origin_of_url(url: &str) -> String {
+    let port = url.trim_end_matches("/ws").rsplit(':').next().unwrap();
+    format!("http://localhost:{port}")
+}
+
+fn web_origin_port(origin: &str) -> u16 {
+    origin.rsplit(':').next().unwrap().parse().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

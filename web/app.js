@@ -162,6 +162,9 @@ async function onConnected() {
     const d = await ctx.session.request("list_devices", {});
     deviceNames = new Map(d.devices.map((x) => [x.device_id, x.device_name]));
     const p = await ctx.session.request("list_approvals", {});
+    // Cards decided or expired while this page was offline go.
+    const live = new Set(p.approvals.map((a) => a.approval_id));
+    for (const id of [...approvals.keys()]) if (!live.has(id)) dropApproval(id, "no longer pending");
     for (const a of p.approvals) showApproval(a);
   } catch (e) {
     notify(e.message, "error");
@@ -304,7 +307,8 @@ function start(identity) {
 
 async function main() {
   window.addEventListener("hashchange", () => {
-    if (location.hash.startsWith("#pair=")) return;
+    // Only view names route (the skip link's #main does not).
+    if (!VIEWS[location.hash.slice(1)]) return;
     route();
   });
   const problem = environmentProblem();
