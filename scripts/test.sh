@@ -5,4 +5,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/fetch-models.sh .deps/models/all-MiniLM-L6-v2
+# The web companion's browser tests (tests/web_browser.rs) drive headless
+# Chromium; install Debian's package when it is missing and we may (root).
+# Without it those tests say SKIPPED.
+if ! command -v chromium >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        apt-get update && apt-get install -y chromium
+    else
+        echo "note: chromium is not installed (apt-get install -y chromium as root); the browser tests will be skipped" >&2
+    fi
+fi
 cargo test --workspace --locked

@@ -280,7 +280,8 @@ impl Closer {
     }
 }
 
-/// Reads the HTTP request head; answers 404 for any path but `/ws`, 426 for
+/// Reads the HTTP request head; serves the web companion's files (`web.rs`),
+/// answers 404 for any other path but `/ws`, 426 for
 /// a non-upgrade request, 403 for a foreign `Origin`, and 101 to a
 /// WebSocket upgrade.
 async fn upgrade(
@@ -313,6 +314,11 @@ async fn upgrade(
     let parsed = req.parse(&buf[..head_len]);
     let path = req.path.unwrap_or("");
     let path_only = path.split('?').next().unwrap_or("");
+    // The web companion's page and assets (SPEC §11): answered, then closed.
+    if parsed.is_ok() && req.method == Some("GET") && crate::web::is_page(path_only) {
+        crate::web::serve(&mut io, path_only, origins.web_origin).await?;
+        return Err(std::io::ErrorKind::ConnectionAborted.into());
+    }
     if parsed.is_err() || req.method != Some("GET") || path_only != "/ws" {
         let (status, body) = if parsed.is_err() {
             ("400 Bad Request", "malformed HTTP request\n")

@@ -25,5 +25,6 @@ pub mod skills;
 pub mod state;
 pub mod storage;
 pub mod tls;
+pub mod web;
 
 pub use server::{Options, ServerHandle, StartError, start};

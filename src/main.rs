@@ -54,9 +54,12 @@ enum Cmd {
         /// How long the code stays valid, in seconds.
         #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86400))]
         ttl_secs: u64,
-        /// Print one JSON line: {"code","expires_at","server_key","url"}.
+        /// Print one JSON line: {"code","expires_at","server_key","url","web_url"}.
         #[arg(long)]
         json: bool,
+        /// Also print the web companion's pairing link (`web_url`) as a QR code.
+        #[arg(long)]
+        qr: bool,
     },
     /// List or revoke paired devices.
     Devices {
@@ -144,7 +147,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             dir,
             ttl_secs,
             json,
-        } => pair(data_dir(&dir)?, ttl_secs, json),
+            qr,
+        } => pair(data_dir(&dir)?, ttl_secs, json, qr),
         Cmd::Devices {
             cmd: DevicesCmd::List { dir },
         } => devices_list(data_dir(&dir)?),
@@ -209,7 +213,7 @@ fn cli_audit(dir: &DataDir, db: &Db, config: &Config, action: &str, outcome: &st
     Ok(())
 }
 
-fn pair(dir: DataDir, ttl_secs: u64, json: bool) -> Result<ExitCode> {
+fn pair(dir: DataDir, ttl_secs: u64, json: bool, qr: bool) -> Result<ExitCode> {
     let (db, config) = open(&dir)?;
     let key = ServerKey::load_or_create(&dir.server_key())?;
     let fallback = format!(
@@ -224,8 +228,16 @@ fn pair(dir: DataDir, ttl_secs: u64, json: bool) -> Result<ExitCode> {
     let mut offer = create_offer(&db, system_now_ms(), ttl_secs, &key, fallback)?;
     offer.tls_spki_sha256 = secrets_agent::tls::spki_sha256(&dir, &config)?;
     cli_audit(&dir, &db, &config, "cli.pair_code_created", "ok")?;
+    // The web companion's link (SPEC §11): the code rides in the fragment.
+    let web_url =
+        secrets_agent::web::web_origin_for(config.server.web_origin.as_deref(), &offer.url)
+            .map(|origin| secrets_agent::web::pairing_url(&origin, &offer.code));
     if json {
-        println!("{}", offer.to_json());
+        let mut v = offer.to_json();
+        if let Some(u) = &web_url {
+            v["web_url"] = serde_json::json!(u);
+        }
+        println!("{v}");
     } else {
         println!("Pairing code: {}", offer.code);
         println!("  expires:    {}", rfc3339_ms(offer.expires_at_ms));
@@ -233,6 +245,32 @@ fn pair(dir: DataDir, ttl_secs: u64, json: bool) -> Result<ExitCode> {
         println!("  url:        {}", offer.url);
         if let Some(pin) = &offer.tls_spki_sha256 {
             println!("  tls pin:    {pin}");
+        }
+        if let Some(u) = &web_url {
+            println!("  web:        {u}");
+        }
+    }
+    if qr {
+        // The web link when there is one; else the offer a native phone reads.
+        let (text, what) = match &web_url {
+            Some(u) => (u.clone(), "Scan to open the web companion and pair"),
+            None => (
+                offer.to_json().to_string(),
+                "Scan with the phone app (no web origin: set server.web_origin for the web companion)",
+            ),
+        };
+        let code = qrcode::QrCode::with_error_correction_level(text.as_bytes(), qrcode::EcLevel::L)
+            .context("the pairing link does not fit in a QR code")?;
+        let art = code
+            .render::<qrcode::render::unicode::Dense1x2>()
+            .dark_color(qrcode::render::unicode::Dense1x2::Light)
+            .light_color(qrcode::render::unicode::Dense1x2::Dark)
+            .quiet_zone(true)
+            .build();
+        if json {
+            eprintln!("{what}:\n{art}");
+        } else {
+            println!("{what}:\n{art}");
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -26,7 +26,8 @@ use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
 use tokio::sync::Notify;
 
-use crate::auth::keys::{APPROVAL_LABEL, b64, random_bytes, signed_string, unb64};
+use crate::auth::keys::{APPROVAL_LABEL, ApprovalAlg, b64, random_bytes, signed_string, unb64};
+use crate::auth::webauthn;
 use crate::protocol::frames;
 use crate::protocol::{ApiError, ErrorCode};
 use crate::rpc::{ActionResult, Caller, parse_params};
@@ -485,11 +486,12 @@ pub async fn on_response(
         approval_id,
         f.get("device_id").and_then(Value::as_str),
         f.get("decision").and_then(Value::as_str),
-        f.get("signature").and_then(Value::as_str),
+        f.get("signature")
+            .filter(|v| v.is_string() || v.is_object()),
     ) else {
         return refuse(
             ErrorCode::InvalidRequest,
-            "approval_response needs string fields approval_id, device_id, decision, signature",
+            "approval_response needs string fields approval_id, device_id, decision, signature (an object for a passkey)",
         );
     };
     let wanted = match decision {
@@ -502,8 +504,15 @@ pub async fn on_response(
             );
         }
     };
-    let Some(sig) = unb64(sig) else {
-        return refuse(ErrorCode::InvalidRequest, "signature is not base64url");
+    let sig = match sig {
+        Value::String(s) => match unb64(s) {
+            Some(b) => ResponseSignature::Bytes(b),
+            None => return refuse(ErrorCode::InvalidRequest, "signature is not base64url"),
+        },
+        obj => match webauthn::Assertion::parse(obj) {
+            Ok(a) => ResponseSignature::Webauthn(a),
+            Err(e) => return refuse(ErrorCode::InvalidRequest, e.0),
+        },
     };
     let Some(pending) = state.approvals.get(approval_id) else {
         return refuse(
@@ -561,10 +570,70 @@ pub async fn on_response(
         &pending.challenge,
         decision,
     ]);
-    if !device
-        .approval_key_alg
-        .verify(&device.approval_public_key, msg.as_bytes(), &sig)
-    {
+    // Ok(Some(signCount)) for a passkey, Ok(None) for a plain signature,
+    // Err(()) when it does not verify.
+    let verified: Result<Option<u32>, ()> = match (device.approval_key_alg, &sig) {
+        (ApprovalAlg::WebauthnEs256, ResponseSignature::Webauthn(a)) => {
+            match webauthn::verify(
+                &device.approval_public_key,
+                a,
+                &state.web_origin,
+                msg.as_bytes(),
+            ) {
+                Ok(n) => Ok(Some(n)),
+                Err(e) => {
+                    tracing::debug!(approval = %approval_id, reason = %e, "approval assertion refused");
+                    Err(())
+                }
+            }
+        }
+        (ApprovalAlg::WebauthnEs256, ResponseSignature::Bytes(_)) => {
+            return refuse(
+                ErrorCode::InvalidRequest,
+                "this device's approval key is a passkey: signature is a WebAuthn assertion object",
+            );
+        }
+        (_, ResponseSignature::Webauthn(_)) => {
+            return refuse(
+                ErrorCode::InvalidRequest,
+                "this device's approval key is not a passkey: signature is base64url bytes",
+            );
+        }
+        (alg, ResponseSignature::Bytes(b)) => {
+            if alg.verify(&device.approval_public_key, msg.as_bytes(), b) {
+                Ok(None)
+            } else {
+                Err(())
+            }
+        }
+    };
+    // A passkey's signCount must advance (SPEC §11): checked and stored with
+    // one compare-and-set, and put back if the decision is not made, so the
+    // count moves exactly when a decision is recorded.
+    // Ok(Some((stored, new))) once a passkey's count has moved.
+    let counted: Result<Option<(u32, u32)>, ()> = match verified {
+        Ok(Some(n)) => {
+            let (id, key) = (device.device_id.clone(), device.approval_public_key.clone());
+            match state
+                .db
+                .call(move |c| devices::advance_sign_count(c, &id, &key, n))
+                .await
+            {
+                Ok(Some(before)) => Ok(Some((before, n))),
+                Ok(None) => {
+                    tracing::debug!(approval = %approval_id, "approval assertion refused: signCount did not advance");
+                    Err(())
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot check a passkey's signCount");
+                    Err(())
+                }
+            }
+        }
+        Ok(None) => Ok(None),
+        Err(()) => Err(()),
+    };
+    let Ok(counted) = counted else {
         state
             .audit(
                 Some(&device.device_id),
@@ -578,11 +647,28 @@ pub async fn on_response(
             ErrorCode::BadSignature,
             "the approval signature does not verify",
         );
-    }
+    };
     if !pending.decide(wanted, Some(device.device_id.clone())) {
+        if let Some((before, after)) = counted {
+            let id = device.device_id.clone();
+            if let Err(e) = state
+                .db
+                .call(move |c| devices::restore_sign_count(c, &id, after, before))
+                .await
+            {
+                tracing::error!(error = %e, "cannot restore a passkey's signCount");
+            }
+        }
         return refuse(ErrorCode::NotFound, "this approval was already decided");
     }
     None
+}
+
+/// An `approval_response` signature: bytes (Ed25519, ES256) or a passkey's
+/// WebAuthn assertion object (SPEC §11).
+enum ResponseSignature {
+    Bytes(Vec<u8>),
+    Webauthn(webauthn::Assertion),
 }
 
 /// Sends the oldest pending approval requests (at most [`MAX_REPLAY`]) to a

@@ -10,6 +10,7 @@ use super::keys::{
     verify_ed25519,
 };
 use super::pairing::code_hash;
+use super::webauthn;
 use crate::protocol::AuthErrorCode;
 use crate::protocol::frames::{self, PROTOCOL};
 use crate::state::AppState;
@@ -343,6 +344,35 @@ async fn auth(state: &AppState, issued: &Issued, f: &Value) -> Result<Authentica
     })
 }
 
+/// The `pair` frame's approval-key signature: bytes, or for a passkey the
+/// WebAuthn assertion object and the credential id (SPEC §11).
+enum PairApproval {
+    Raw(Vec<u8>),
+    Webauthn {
+        assertion: webauthn::Assertion,
+        credential_id: Vec<u8>,
+    },
+}
+
+fn approval_signature(f: &Value, alg: ApprovalAlg) -> Result<PairApproval, Refused> {
+    if alg != ApprovalAlg::WebauthnEs256 {
+        return b64_field(f, "approval_signature", None).map(PairApproval::Raw);
+    }
+    let credential_id = b64_field(f, "webauthn_credential_id", None)?;
+    if credential_id.is_empty() || credential_id.len() > webauthn::MAX_CREDENTIAL_ID {
+        return Err(Refused::new(
+            E::InvalidRequest,
+            "`webauthn_credential_id` must decode to 1 to 1023 bytes",
+        ));
+    }
+    let assertion = webauthn::Assertion::parse(f.get("approval_signature").unwrap_or(&Value::Null))
+        .map_err(|e| Refused::new(E::InvalidRequest, format!("`approval_signature`: {e}")))?;
+    Ok(PairApproval::Webauthn {
+        assertion,
+        credential_id,
+    })
+}
+
 async fn pair(state: &AppState, issued: &Issued, f: &Value) -> Result<Authenticated, Failed> {
     let no_dev = |r| (None, r);
     let code = str_field(f, "code").map_err(no_dev)?.to_string();
@@ -373,16 +403,16 @@ async fn pair(state: &AppState, issued: &Issued, f: &Value) -> Result<Authentica
     let alg = ApprovalAlg::parse(alg_s).ok_or_else(|| {
         no_dev(Refused::new(
             E::InvalidRequest,
-            "`approval_key_alg` must be \"ed25519\" or \"es256\"",
+            "`approval_key_alg` must be \"ed25519\", \"es256\" or \"webauthn-es256\"",
         ))
     })?;
     let approval_pk_s = str_field(f, "approval_public_key").map_err(no_dev)?;
     let approval_pk = b64_field(f, "approval_public_key", None).map_err(no_dev)?;
     if !alg.valid_public_key(&approval_pk) {
-        let want = if alg == ApprovalAlg::Es256 {
-            "a 65-byte uncompressed P-256 point"
-        } else {
-            "a 32-byte Ed25519 key"
+        let want = match alg {
+            ApprovalAlg::Es256 => "a 65-byte uncompressed P-256 point",
+            ApprovalAlg::WebauthnEs256 => "a P-256 SubjectPublicKeyInfo (DER)",
+            ApprovalAlg::Ed25519 => "a 32-byte Ed25519 key",
         };
         return Err(no_dev(Refused::new(
             E::InvalidRequest,
@@ -398,7 +428,7 @@ async fn pair(state: &AppState, issued: &Issued, f: &Value) -> Result<Authentica
     let client_nonce = str_field(f, "client_nonce").map_err(no_dev)?;
     b64_field(f, "client_nonce", Some(32)).map_err(no_dev)?;
     let signature = b64_field(f, "signature", None).map_err(no_dev)?;
-    let approval_signature = b64_field(f, "approval_signature", None).map_err(no_dev)?;
+    let approval_signature = approval_signature(f, alg).map_err(no_dev)?;
 
     let now = state.clock.now_ms();
     let hash = code_hash(state.key.pairing_code_key(), &code);
@@ -424,9 +454,23 @@ async fn pair(state: &AppState, issued: &Issued, f: &Value) -> Result<Authentica
         client_nonce,
     ]);
     let device_id = device_id_for(&device_pk);
-    if !verify_ed25519(&device_pk, msg.as_bytes(), &signature)
-        || !alg.verify(&approval_pk, msg.as_bytes(), &approval_signature)
-    {
+    let mut webauthn_count = 0;
+    let approval_ok = match &approval_signature {
+        PairApproval::Raw(sig) => alg.verify(&approval_pk, msg.as_bytes(), sig),
+        PairApproval::Webauthn { assertion, .. } => {
+            match webauthn::verify(&approval_pk, assertion, &state.web_origin, msg.as_bytes()) {
+                Ok(n) => {
+                    webauthn_count = n;
+                    true
+                }
+                Err(e) => {
+                    tracing::debug!(reason = %e, "pairing assertion refused");
+                    false
+                }
+            }
+        }
+    };
+    if !verify_ed25519(&device_pk, msg.as_bytes(), &signature) || !approval_ok {
         return Err((
             Some(device_id),
             Refused::new(E::BadSignature, "a pairing signature does not verify"),
@@ -438,6 +482,10 @@ async fn pair(state: &AppState, issued: &Issued, f: &Value) -> Result<Authentica
         public_key: device_pk,
         approval_public_key: approval_pk,
         approval_key_alg: alg,
+        webauthn: match approval_signature {
+            PairApproval::Webauthn { credential_id, .. } => Some((credential_id, webauthn_count)),
+            PairApproval::Raw(_) => None,
+        },
     };
     // A new device is a state change: not while the audit log cannot record it.
     if state.require_audit().await.is_err() {

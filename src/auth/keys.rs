@@ -194,6 +194,9 @@ pub fn verify_ed25519(public_key: &[u8], msg: &[u8], signature: &[u8]) -> bool {
 pub enum ApprovalAlg {
     Ed25519,
     Es256,
+    /// A WebAuthn passkey (SPEC §11): the key is a P-256 SubjectPublicKeyInfo
+    /// and its signatures are assertion objects, checked by `auth::webauthn`.
+    WebauthnEs256,
 }
 
 impl ApprovalAlg {
@@ -201,6 +204,7 @@ impl ApprovalAlg {
         match s {
             "ed25519" => Some(ApprovalAlg::Ed25519),
             "es256" => Some(ApprovalAlg::Es256),
+            "webauthn-es256" => Some(ApprovalAlg::WebauthnEs256),
             _ => None,
         }
     }
@@ -208,6 +212,7 @@ impl ApprovalAlg {
         match self {
             ApprovalAlg::Ed25519 => "ed25519",
             ApprovalAlg::Es256 => "es256",
+            ApprovalAlg::WebauthnEs256 => "webauthn-es256",
         }
     }
     /// Whether `public_key` is well-formed for this algorithm.
@@ -222,12 +227,15 @@ impl ApprovalAlg {
                     && public_key[0] == 4
                     && p256::ecdsa::VerifyingKey::from_sec1_bytes(public_key).is_ok()
             }
+            ApprovalAlg::WebauthnEs256 => super::webauthn::valid_public_key(public_key),
         }
     }
     /// Verifies `signature` over `msg` with this algorithm. ES256 is ECDSA
-    /// P-256 over SHA-256(msg), DER-encoded.
+    /// P-256 over SHA-256(msg), DER-encoded. A WebAuthn key never verifies
+    /// plain bytes: its signatures are assertion objects (`auth::webauthn`).
     pub fn verify(self, public_key: &[u8], msg: &[u8], signature: &[u8]) -> bool {
         match self {
+            ApprovalAlg::WebauthnEs256 => false,
             ApprovalAlg::Ed25519 => verify_ed25519(public_key, msg, signature),
             ApprovalAlg::Es256 => {
                 use p256::ecdsa::signature::Verifier as _;

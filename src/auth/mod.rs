@@ -5,3 +5,4 @@ pub mod handshake;
 pub mod keys;
 pub mod pairing;
 pub mod ratelimit;
+pub mod webauthn;

@@ -18,6 +18,8 @@ pub struct Device {
     pub paired_at: i64,
     pub last_seen: Option<i64>,
     pub revoked: bool,
+    /// The last signCount a WebAuthn approval key reported (0 otherwise).
+    pub sign_count: u32,
 }
 
 impl Device {
@@ -32,11 +34,12 @@ impl Device {
             paired_at: r.get(5)?,
             last_seen: r.get(6)?,
             revoked: r.get::<_, i64>(7)? != 0,
+            sign_count: u32::try_from(r.get::<_, i64>(8)?).unwrap_or(u32::MAX),
         })
     }
 }
 
-const DEVICE_COLS: &str = "device_id, device_name, public_key, approval_public_key, approval_key_alg, paired_at, last_seen, revoked";
+const DEVICE_COLS: &str = "device_id, device_name, public_key, approval_public_key, approval_key_alg, paired_at, last_seen, revoked, sign_count";
 
 pub fn get_device(c: &Connection, device_id: &str) -> Result<Option<Device>, StorageError> {
     let sql = format!("SELECT {DEVICE_COLS} FROM devices WHERE device_id = ?1");
@@ -96,6 +99,9 @@ pub struct NewDevice {
     pub public_key: Vec<u8>,
     pub approval_public_key: Vec<u8>,
     pub approval_key_alg: ApprovalAlg,
+    /// A WebAuthn approval key: its credential id and the signCount of the
+    /// pairing assertion (SPEC §11).
+    pub webauthn: Option<(Vec<u8>, u32)>,
 }
 
 /// Stores a pairing code by its keyed hash (`auth::pairing::code_hash`);
@@ -170,12 +176,17 @@ pub fn complete_pairing(
     if used == 0 {
         return Ok(Paired::CodeGone);
     }
+    let (credential_id, sign_count) = match &dev.webauthn {
+        Some((id, n)) => (Some(id.as_slice()), *n),
+        None => (None, 0),
+    };
     tx.execute(
-        "INSERT INTO devices(device_id, device_name, public_key, approval_public_key, approval_key_alg, paired_at, last_seen, revoked)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, 0)
+        "INSERT INTO devices(device_id, device_name, public_key, approval_public_key, approval_key_alg, paired_at, last_seen, revoked, webauthn_credential_id, sign_count)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, 0, ?7, ?8)
          ON CONFLICT(device_id) DO UPDATE SET device_name = excluded.device_name,
              approval_public_key = excluded.approval_public_key, approval_key_alg = excluded.approval_key_alg,
-             last_seen = excluded.last_seen, revoked = 0
+             last_seen = excluded.last_seen, revoked = 0,
+             webauthn_credential_id = excluded.webauthn_credential_id, sign_count = excluded.sign_count
          WHERE devices.public_key = excluded.public_key",
         params![
             dev.device_id,
@@ -183,7 +194,9 @@ pub fn complete_pairing(
             dev.public_key,
             dev.approval_public_key,
             dev.approval_key_alg.as_str(),
-            now_ms
+            now_ms,
+            credential_id,
+            sign_count
         ],
     )?;
     let device = get_device(&tx, &dev.device_id)?;
@@ -195,6 +208,55 @@ pub fn complete_pairing(
         // Rolled back: the code stays live for the real phone.
         _ => Ok(Paired::KeyMismatch),
     }
+}
+
+/// Records `new` as the signCount of `device_id`'s WebAuthn key if it
+/// advances the stored one per WebAuthn's rule
+/// (`auth::webauthn::sign_count_advances`), the device is not revoked and
+/// still holds `approval_public_key`; Some(the count it replaced). One
+/// transaction, so of two assertions with the same count only one passes.
+pub fn advance_sign_count(
+    c: &mut Connection,
+    device_id: &str,
+    approval_public_key: &[u8],
+    new: u32,
+) -> Result<Option<u32>, StorageError> {
+    let tx = c.transaction()?;
+    let stored: Option<i64> = tx
+        .query_row(
+            "SELECT sign_count FROM devices WHERE device_id = ?1 AND approval_public_key = ?2 AND revoked = 0",
+            params![device_id, approval_public_key],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let Some(stored) = stored.and_then(|n| u32::try_from(n).ok()) else {
+        return Ok(None);
+    };
+    if !crate::auth::webauthn::sign_count_advances(stored, new) {
+        return Ok(None);
+    }
+    tx.execute(
+        "UPDATE devices SET sign_count = ?2 WHERE device_id = ?1",
+        params![device_id, new],
+    )?;
+    tx.commit()?;
+    Ok(Some(stored))
+}
+
+/// Undoes [`advance_sign_count`] when the decision it went with could not
+/// be made (the approval was decided or expired meanwhile), unless a later
+/// assertion has moved the count on since.
+pub fn restore_sign_count(
+    c: &Connection,
+    device_id: &str,
+    from: u32,
+    to: u32,
+) -> Result<(), StorageError> {
+    c.execute(
+        "UPDATE devices SET sign_count = ?3 WHERE device_id = ?1 AND sign_count = ?2",
+        params![device_id, from, to],
+    )?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -231,6 +293,36 @@ mod tests {
     }
 
     #[test]
+    fn a_passkey_sign_count_only_advances() {
+        let (_d, db) = db();
+        let dev = NewDevice {
+            device_id: "web1".into(),
+            device_name: "browser".into(),
+            public_key: vec![1; 32],
+            approval_public_key: vec![2; 91],
+            approval_key_alg: ApprovalAlg::WebauthnEs256,
+            webauthn: Some((b"cred".to_vec(), 2)),
+        };
+        db.blocking(|c| {
+            insert_pairing_code(c, "c1", 0, 300)?;
+            assert!(matches!(complete_pairing(c, "c1", 1, &dev)?, Paired::Stored(d) if d.sign_count == 2));
+            assert_eq!(advance_sign_count(c, "web1", &[2; 91], 2)?, None, "a repeated count");
+            assert_eq!(advance_sign_count(c, "web1", &[2; 91], 1)?, None, "a lower count");
+            assert_eq!(advance_sign_count(c, "web1", &[9; 91], 3)?, None, "another key");
+            assert_eq!(advance_sign_count(c, "web1", &[2; 91], 3)?, Some(2));
+            restore_sign_count(c, "web1", 3, 2)?;
+            assert_eq!(get_device(c, "web1")?.unwrap().sign_count, 2, "put back");
+            assert_eq!(advance_sign_count(c, "web1", &[2; 91], 5)?, Some(2));
+            restore_sign_count(c, "web1", 3, 2)?;
+            assert_eq!(get_device(c, "web1")?.unwrap().sign_count, 5, "a later count stays");
+            revoke_device(c, "web1")?;
+            assert_eq!(advance_sign_count(c, "web1", &[2; 91], 6)?, None, "revoked");
+            Ok(())
+        })
+        .unwrap();
+    }
+
+    #[test]
     fn a_row_is_updated_only_by_its_own_public_key() {
         let (_d, db) = db();
         let dev = |pk: u8, name: &str| NewDevice {
@@ -239,6 +331,7 @@ mod tests {
             public_key: vec![pk; 32],
             approval_public_key: vec![pk + 1; 32],
             approval_key_alg: ApprovalAlg::Ed25519,
+            webauthn: None,
         };
         let mut db2 = db.clone();
         let _ = &mut db2;

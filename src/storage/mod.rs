@@ -123,6 +123,12 @@ const MIGRATIONS: &[&str] = &[
     r#"
     DELETE FROM pairing_codes;
     "#,
+    // 7 (v1.1, web companion): a WebAuthn passkey's credential id and the
+    // last signCount it reported (SPEC §11).
+    r#"
+    ALTER TABLE devices ADD COLUMN webauthn_credential_id BLOB;
+    ALTER TABLE devices ADD COLUMN sign_count INTEGER NOT NULL DEFAULT 0;
+    "#,
 ];
 
 /// The schema version this build writes.

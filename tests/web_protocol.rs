@@ -1,0 +1,441 @@
+//! Passkey approval keys on the wire, without a browser (SPEC §11): a
+//! software WebAuthn authenticator pairs with `approval_key_alg:
+//! "webauthn-es256"` and answers approvals with assertion objects; frames
+//! are checked against `proto-schemas/`, and each WebAuthn rule is shown to
+//! refuse (and change nothing) when broken.
+
+mod common;
+
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use common::TestServer;
+use mobile_client_sim::{ApprovalAlg, Identity, RawConn, proto};
+use p256::ecdsa::SigningKey;
+use p256::ecdsa::signature::Signer as _;
+use p256::pkcs8::EncodePublicKey as _;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+const UP: u8 = 0x01;
+const UV: u8 = 0x04;
+
+/// A software passkey: what a platform authenticator does, with every knob.
+struct Passkey {
+    key: SigningKey,
+    count: u32,
+    credential_id: Vec<u8>,
+}
+
+impl Passkey {
+    fn new() -> Passkey {
+        Passkey {
+            key: SigningKey::random(&mut rand::rngs::OsRng),
+            count: 0,
+            credential_id: b"credential-1".to_vec(),
+        }
+    }
+    fn spki_b64(&self) -> String {
+        URL_SAFE_NO_PAD.encode(
+            self.key
+                .verifying_key()
+                .to_public_key_der()
+                .unwrap()
+                .as_bytes(),
+        )
+    }
+    fn raw(&self, client_data: &Value, rp: &str, flags: u8, count: u32) -> Value {
+        let mut ad = Sha256::digest(rp.as_bytes()).to_vec();
+        ad.push(flags);
+        ad.extend_from_slice(&count.to_be_bytes());
+        let cdj = serde_json::to_vec(client_data).unwrap();
+        let mut msg = ad.clone();
+        msg.extend_from_slice(&Sha256::digest(&cdj));
+        let sig: p256::ecdsa::Signature = self.key.sign(&msg);
+        json!({"authenticator_data": URL_SAFE_NO_PAD.encode(&ad),
+               "client_data_json": URL_SAFE_NO_PAD.encode(&cdj),
+               "signature": URL_SAFE_NO_PAD.encode(sig.to_der().as_bytes())})
+    }
+    /// A browser-shaped assertion for `signed` made on `origin`.
+    fn sign(&mut self, origin: &str, signed: &str) -> Value {
+        self.count += 1;
+        let rp = origin
+            .split("://")
+            .nth(1)
+            .unwrap()
+            .split(':')
+            .next()
+            .unwrap()
+            .to_string();
+        self.raw(
+            &client_data("webauthn.get", signed, origin),
+            &rp,
+            UP | UV,
+            self.count,
+        )
+    }
+}
+
+fn client_data(ty: &str, signed: &str, origin: &str) -> Value {
+    json!({"type": ty, "challenge": URL_SAFE_NO_PAD.encode(Sha256::digest(signed.as_bytes())),
+           "origin": origin, "crossOrigin": false})
+}
+
+fn origin(s: &TestServer) -> String {
+    s.handle().state.web_origin.clone()
+}
+
+/// The `proto-schemas/` validators (every file in one registry).
+fn schema(name: &str) -> jsonschema::Validator {
+    const BASE: &str = "https://secrets-agent.dev/proto/";
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("proto-schemas");
+    let mut all = Vec::new();
+    for dir in ["frames", "actions", "common"] {
+        for e in std::fs::read_dir(root.join(dir)).unwrap() {
+            let p = e.unwrap().path();
+            let v: Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+            let rel = format!("{dir}/{}", p.file_name().unwrap().to_string_lossy());
+            all.push((rel, v));
+        }
+    }
+    let registry = jsonschema::Registry::new()
+        .extend(all.iter().map(|(rel, v)| {
+            (
+                format!("{BASE}{rel}"),
+                jsonschema::Resource::from_contents(v.clone()),
+            )
+        }))
+        .unwrap()
+        .prepare()
+        .unwrap();
+    let doc = &all.iter().find(|(r, _)| r == name).unwrap().1;
+    jsonschema::options()
+        .with_registry(&registry)
+        .build(doc)
+        .unwrap()
+}
+
+#[track_caller]
+fn assert_valid(v: &jsonschema::Validator, instance: &Value) {
+    let errors: Vec<String> = v.iter_errors(instance).map(|e| e.to_string()).collect();
+    assert!(errors.is_empty(), "{instance}: {errors:?}");
+}
+
+/// Sends a `pair` frame with a passkey approval key; `tamper` may change
+/// the frame before it is sent. Returns the connection and the answer.
+async fn pair(
+    s: &TestServer,
+    id: &Identity,
+    pk: &mut Passkey,
+    code: &str,
+    assertion_origin: &str,
+    tamper: impl FnOnce(&mut Value),
+) -> (RawConn, Value) {
+    let mut r = s.raw().await;
+    let ch = r.recv_frame().await.unwrap();
+    let cn = proto::nonce32();
+    let msg = proto::pair_string(
+        ch["server_key"].as_str().unwrap(),
+        ch["nonce"].as_str().unwrap(),
+        code,
+        &id.public_key_b64(),
+        &pk.spki_b64(),
+        &cn,
+    );
+    let mut frame = json!({"type": "pair", "protocol": 1, "code": code, "device_name": "Web browser",
+        "device_public_key": id.public_key_b64(), "approval_public_key": pk.spki_b64(),
+        "approval_key_alg": "webauthn-es256",
+        "webauthn_credential_id": URL_SAFE_NO_PAD.encode(&pk.credential_id),
+        "client_nonce": cn, "signature": id.sign_device(&msg),
+        "approval_signature": pk.sign(assertion_origin, &msg)});
+    tamper(&mut frame);
+    r.send_json(&frame).await.unwrap();
+    let answer = r.recv_frame().await.unwrap();
+    (r, answer)
+}
+
+fn approval_string(req: &Value, decision: &str) -> String {
+    let s = |k: &str| req[k].as_str().unwrap().to_string();
+    proto::approval_string(
+        &s("approval_id"),
+        &s("action_digest"),
+        &s("challenge"),
+        decision,
+    )
+}
+
+/// Sends an approval_response for `req` from the passkey device over `r`;
+/// "decided" or the error code.
+async fn respond(
+    r: &mut RawConn,
+    device_id: &str,
+    req: &Value,
+    decision: &str,
+    sig: Value,
+) -> String {
+    let id = req["approval_id"].as_str().unwrap();
+    let frame = json!({"type": "approval_response", "approval_id": id, "device_id": device_id,
+                       "decision": decision, "signature": sig});
+    r.send_json(&frame).await.unwrap();
+    let f = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let f = r.recv_frame().await.unwrap();
+            if (f["type"] == "error" || f["type"] == "approval_result") && f["approval_id"] == id {
+                return f;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    if f["type"] == "error" {
+        f["code"].as_str().unwrap().to_string()
+    } else {
+        "decided".into()
+    }
+}
+
+/// Waits for the next `approval_request` on a raw connection.
+async fn next_request(r: &mut RawConn) -> Value {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let f = r.recv_frame().await.unwrap();
+            if f["type"] == "approval_request" {
+                return f;
+            }
+        }
+    })
+    .await
+    .unwrap()
+}
+
+fn sign_count(s: &TestServer, device_id: &str) -> i64 {
+    let c = rusqlite::Connection::open(s.path().join("agent.db")).unwrap();
+    c.query_row(
+        "SELECT sign_count FROM devices WHERE device_id = ?1",
+        [device_id],
+        |r| r.get(0),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_passkey_pairs_and_approves_with_schema_valid_frames() {
+    let s = TestServer::start().await;
+    let id = Identity::generate("web", ApprovalAlg::Ed25519);
+    let mut pk = Passkey::new();
+    let pair_schema = schema("frames/pair.json");
+    let mut sent = Value::Null;
+    let code = s.code();
+    let (mut r, ok) = pair(&s, &id, &mut pk, &code, &origin(&s), |f| {
+        sent = f.clone();
+    })
+    .await;
+    assert_valid(&pair_schema, &sent);
+    assert_eq!(ok["type"], "pair_ok", "{ok}");
+    assert_eq!(
+        sign_count(&s, &id.device_id()),
+        1,
+        "the pairing assertion's count is kept"
+    );
+
+    let (phone, _) = s.phone("Pixel").await;
+    let devices = phone.request("list_devices", json!({})).await.unwrap();
+    assert_valid(&schema("actions/list_devices.result.json"), &devices);
+    assert!(devices.to_string().contains("webauthn-es256"));
+
+    let phone = std::sync::Arc::new(phone);
+    let p2 = phone.clone();
+    let wait = tokio::spawn(async move {
+        p2.request(
+            "update_config",
+            json!({"section": "approvals", "value": {"timeout_secs": 90}}),
+        )
+        .await
+        .unwrap()
+    });
+    let req = next_request(&mut r).await;
+    let sig = pk.sign(&origin(&s), &approval_string(&req, "approve"));
+    let frame = json!({"type": "approval_response", "approval_id": req["approval_id"],
+        "device_id": id.device_id(), "decision": "approve", "signature": sig});
+    assert_valid(&schema("frames/approval_response.json"), &frame);
+    assert_eq!(
+        respond(&mut r, &id.device_id(), &req, "approve", sig).await,
+        "decided"
+    );
+    assert_eq!(wait.await.unwrap()["result"], "success");
+    assert_eq!(
+        sign_count(&s, &id.device_id()),
+        2,
+        "stored with the decision"
+    );
+}
+
+#[tokio::test]
+async fn each_webauthn_rule_refuses_and_changes_nothing() {
+    let s = TestServer::start_with_config("[server]\nallowed_origins = [\"http://localhost:1\"]\n")
+        .await;
+    let o = origin(&s);
+    let id = Identity::generate("web", ApprovalAlg::Ed25519);
+    let mut pk = Passkey::new();
+    let code = s.code();
+    let (mut r, ok) = pair(&s, &id, &mut pk, &code, &o, |_| {}).await;
+    assert_eq!(ok["type"], "pair_ok");
+    let (phone, _) = s.phone("Pixel").await;
+    let phone = std::sync::Arc::new(phone);
+    let p2 = phone.clone();
+    let wait = tokio::spawn(async move {
+        p2.request(
+            "update_config",
+            json!({"section": "approvals", "value": {"timeout_secs": 91}}),
+        )
+        .await
+        .unwrap()
+    });
+    let req = next_request(&mut r).await;
+    let text = approval_string(&req, "approve");
+    let dev = id.device_id();
+    let before = sign_count(&s, &dev);
+    let n = pk.count + 1;
+    let good_cd = client_data("webauthn.get", &text, &o);
+    let cases = [
+        (
+            "webauthn.create",
+            pk.raw(
+                &client_data("webauthn.create", &text, &o),
+                "localhost",
+                UP | UV,
+                n,
+            ),
+        ),
+        (
+            "another challenge",
+            pk.raw(
+                &client_data("webauthn.get", "other bytes", &o),
+                "localhost",
+                UP | UV,
+                n,
+            ),
+        ),
+        (
+            "an allowed_origins origin",
+            pk.raw(
+                &client_data("webauthn.get", &text, "http://localhost:1"),
+                "localhost",
+                UP | UV,
+                n,
+            ),
+        ),
+        ("another rp id", pk.raw(&good_cd, "example.com", UP | UV, n)),
+        ("UV clear", pk.raw(&good_cd, "localhost", UP, n)),
+        ("UP clear", pk.raw(&good_cd, "localhost", UV, n)),
+        (
+            "crossOrigin true",
+            pk.raw(
+                &{
+                    let mut c = good_cd.clone();
+                    c["crossOrigin"] = json!(true);
+                    c
+                },
+                "localhost",
+                UP | UV,
+                n,
+            ),
+        ),
+        (
+            "the stored signCount again",
+            pk.raw(&good_cd, "localhost", UP | UV, before as u32),
+        ),
+        (
+            "another key",
+            Passkey::new().raw(&good_cd, "localhost", UP | UV, n),
+        ),
+    ];
+    for (what, sig) in cases {
+        assert_eq!(
+            respond(&mut r, &dev, &req, "approve", sig).await,
+            "bad_signature",
+            "{what}"
+        );
+        assert_eq!(
+            sign_count(&s, &dev),
+            before,
+            "{what} changed the stored count"
+        );
+    }
+    // Wrong shapes: invalid_request.
+    let mut missing = pk.raw(&good_cd, "localhost", UP | UV, n);
+    missing.as_object_mut().unwrap().remove("client_data_json");
+    assert_eq!(
+        respond(&mut r, &dev, &req, "approve", missing).await,
+        "invalid_request"
+    );
+    let raw_bytes = json!(URL_SAFE_NO_PAD.encode([1u8; 64]));
+    assert_eq!(
+        respond(&mut r, &dev, &req, "approve", raw_bytes).await,
+        "invalid_request"
+    );
+    assert!(!wait.is_finished(), "nothing was decided");
+
+    // A counter-less authenticator (0 every time) is accepted only while
+    // the stored count is 0 too: here it is not.
+    assert_eq!(
+        respond(
+            &mut r,
+            &dev,
+            &req,
+            "approve",
+            pk.raw(&good_cd, "localhost", UP | UV, 0)
+        )
+        .await,
+        "bad_signature"
+    );
+    // The real thing still decides it.
+    let sig = pk.sign(&o, &text);
+    assert_eq!(respond(&mut r, &dev, &req, "approve", sig).await, "decided");
+    assert_eq!(wait.await.unwrap()["result"], "success");
+}
+
+#[tokio::test]
+async fn a_pairing_assertion_must_verify_and_have_the_right_shape() {
+    let s = TestServer::start().await;
+    let o = origin(&s);
+    let id = Identity::generate("web", ApprovalAlg::Ed25519);
+    let mut pk = Passkey::new();
+    // Made on another port of localhost: bad_signature.
+    let code = s.code();
+    let (_, a) = pair(&s, &id, &mut pk, &code, "http://localhost:1", |_| {}).await;
+    assert_eq!(
+        (a["type"].as_str(), a["code"].as_str()),
+        (Some("auth_error"), Some("bad_signature")),
+        "{a}"
+    );
+    // A string where the object belongs, or no credential id: invalid_request.
+    let code = s.code();
+    let (_, a) = pair(&s, &id, &mut pk, &code, &o, |f| {
+        f["approval_signature"] = json!("AAAA")
+    })
+    .await;
+    assert_eq!(a["code"], "invalid_request", "{a}");
+    let (_, a) = pair(&s, &id, &mut pk, &code, &o, |f| {
+        f.as_object_mut().unwrap().remove("webauthn_credential_id");
+    })
+    .await;
+    assert_eq!(a["code"], "invalid_request", "{a}");
+    // A raw P-256 point is not an SPKI.
+    let (_, a) = pair(&s, &id, &mut pk, &code, &o, |f| {
+        f["approval_public_key"] = json!(URL_SAFE_NO_PAD.encode([4u8; 65]))
+    })
+    .await;
+    assert_eq!(a["code"], "invalid_request", "{a}");
+    let (phone, _) = s.phone("Pixel").await;
+    let d = phone.request("list_devices", json!({})).await.unwrap();
+    assert_eq!(
+        d["devices"].as_array().unwrap().len(),
+        1,
+        "nothing paired: {d}"
+    );
+    // The real thing pairs with the code still live.
+    let (_, ok) = pair(&s, &id, &mut pk, &code, &o, |_| {}).await;
+    assert_eq!(ok["type"], "pair_ok", "{ok}");
+}
