@@ -112,8 +112,10 @@ pub async fn serve(
         issued.ts,
     ));
 
-    let authed = tokio::select! {
-        r = Box::pin(handshake_phase(&state, &issued, peer, &mut stream, &outbox, &mut closer, &budget)) => r,
+    // The deadline is for the peer's answer; once it has arrived, the
+    // server's own work on it (signature, database) is not cut short.
+    let first = tokio::select! {
+        r = Box::pin(read_handshake_frame(&mut stream, &mut closer, &budget)) => r,
         _ = tokio::time::sleep_until(auth_deadline) => {
             state.limiter.record_failure(peer.ip(), false, "timeout");
             closer.close(close::AUTH_TIMEOUT, "authentication timeout");
@@ -129,6 +131,18 @@ pub async fn serve(
             closer.close(close::GOING_AWAY, "server shutting down");
             None
         }
+    };
+    let authed = match first {
+        None => None,
+        Some(text) => match handshake::handle(&state, &issued, peer.ip(), &text).await {
+            Ok(a) => Some(a),
+            Err(refused) => {
+                // Queued before the close request, so the writer sends it first.
+                outbox.push(refused.frame());
+                closer.close(close::AUTH_FAILED, refused.code.as_str());
+                None
+            }
+        },
     };
     drop(ticket);
     if let Some(a) = authed {
@@ -489,16 +503,13 @@ async fn guarded<T, E>(
     }
 }
 
-/// Reads until the handshake succeeds or fails.
-async fn handshake_phase(
-    state: &AppState,
-    issued: &Issued,
-    peer: SocketAddr,
+/// Reads the peer's answer to the challenge (its first text frame); None if
+/// the connection closed or broke a limit (the close is requested).
+async fn read_handshake_frame(
     stream: &mut SplitStream<Ws>,
-    outbox: &Outbox,
     closer: &mut Closer,
     budget: &PreAuthBudget,
-) -> Option<Authenticated> {
+) -> Option<String> {
     while let Some(msg) = stream.next().await {
         let text = match msg {
             Ok(Message::Text(t)) => t,
@@ -520,15 +531,7 @@ async fn handshake_phase(
             closer.close(close::TOO_BIG, "frame too large before authentication");
             return None;
         }
-        return match handshake::handle(state, issued, peer.ip(), text.as_str()).await {
-            Ok(a) => Some(a),
-            Err(refused) => {
-                // Queued before the close request, so the writer sends it first.
-                outbox.push(refused.frame());
-                closer.close(close::AUTH_FAILED, refused.code.as_str());
-                None
-            }
-        };
+        return Some(text.as_str().to_string());
     }
     None
 }

@@ -187,12 +187,18 @@ pub async fn start(opts: Options) -> Result<ServerHandle, StartError> {
                 &state.key,
                 url.clone(),
             )?;
-            println!(
-                "No device is paired yet. Pairing code: {} (valid 5 minutes)\n  server key: {}\n  url: {}",
+            let mut text = format!(
+                "No device is paired yet. Pairing code: {} (valid 5 minutes)\n  server key: {}\n  url: {}\n",
                 offer.code, offer.server_key, offer.url
             );
+            if !state.web_origin.is_empty() {
+                let web = crate::web::pairing_url(&state.web_origin, &offer.code);
+                text.push_str(&format!("  web: {web}\n"));
+            }
+            // Never println!: a closed stdout must not stop the server.
+            let _ = std::io::stdout().write_all(text.as_bytes());
         } else {
-            println!("listening on {url}");
+            let _ = writeln!(std::io::stdout(), "listening on {url}");
         }
         let _ = std::io::stdout().flush();
     }

@@ -325,7 +325,10 @@ async fn handshake_garbage() {
     let _ = t.read_to_end(&mut buf).await;
     let text = String::from_utf8_lossy(&buf);
     assert!(text.starts_with("HTTP/1.1 400"), "{text:?}");
-    assert!(text.ends_with("\r\n\r\nmalformed HTTP request\n"), "the 400 says what it is: {text:?}");
+    assert!(
+        text.ends_with("\r\n\r\nmalformed HTTP request\n"),
+        "the 400 says what it is: {text:?}"
+    );
     // A WebSocket whose first frame is garbage of every kind.
     for junk in [
         "{",

@@ -194,3 +194,27 @@ fn pair_json_devices_list_and_revoke() {
         .unwrap();
     assert!(!out.status.success(), "a zero TTL is refused");
 }
+
+#[test]
+fn a_closed_stdout_does_not_stop_the_server() {
+    // A service manager or a pipe reader that went away: the first-start
+    // pairing code cannot be printed, and the server keeps serving.
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    // Started and printed (or failed to) by the time the audit dir's
+    // database exists and a second has passed.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the server died on a closed stdout"
+    );
+    sigterm(&child);
+    assert!(child.wait().unwrap().success());
+}

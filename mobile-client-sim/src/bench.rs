@@ -356,12 +356,17 @@ async fn sigterm_to_exit(bin: &Path, tries: usize) -> Result<Vec<Duration>> {
             .stderr(Stdio::null())
             .spawn()?;
         let stdout = child.stdout.take().context("server stdout")?;
-        tokio::task::spawn_blocking(move || {
+        // Read the first line, then keep draining (the server must not find
+        // its stdout closed: it would only lose its output, but this is not
+        // what is measured).
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
             use std::io::BufRead;
-            let mut line = String::new();
-            std::io::BufReader::new(stdout).read_line(&mut line)
-        })
-        .await??;
+            let mut lines = std::io::BufReader::new(stdout).lines();
+            let _ = tx.send(lines.next());
+            for _ in lines {}
+        });
+        rx.await?.context("the server printed nothing")??;
         // Idle: listening, nothing connected.
         tokio::time::sleep(Duration::from_millis(200)).await;
         let t = std::time::Instant::now();

@@ -335,7 +335,9 @@ mod reload_tests {
         assert!(matches!(e.status(), Status::Loading));
         let first = rx.recv().unwrap();
         let second = rx.recv_timeout(std::time::Duration::from_secs(5)).unwrap();
-        assert!(matches!((first, second), (Job::Load(a), Job::Load(b)) if a == Path::new("a") && b == Path::new("b")));
+        assert!(
+            matches!((first, second), (Job::Load(a), Job::Load(b)) if a == Path::new("a") && b == Path::new("b"))
+        );
     }
 
     #[test]
