@@ -297,6 +297,20 @@ impl Config {
 /// The commented `config.toml` written on first start.
 pub const DEFAULT_CONFIG_TOML: &str = include_str!("default_config.toml");
 
+/// Whether `o` is a serialised web origin: `http(s)://host[:port]`, lower
+/// case, without path, query or trailing slash (how browsers send `Origin`).
+fn is_origin(o: &str) -> bool {
+    let Some(rest) = o
+        .strip_prefix("https://")
+        .or_else(|| o.strip_prefix("http://"))
+    else {
+        return false;
+    };
+    !rest.is_empty()
+        && !rest.contains(['/', '?', '#', '@', ' '])
+        && rest == rest.to_ascii_lowercase()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -324,18 +338,26 @@ mod tests {
         assert!(Config::parse("[approvals]\ntimeout_secs = 0\n", Path::new("c")).is_err());
         assert!(Config::parse("[scheduler]\ntimezone = \"Mars/Base\"\n", Path::new("c")).is_err());
     }
-}
 
-/// Whether `o` is a serialised web origin: `http(s)://host[:port]`, lower
-/// case, without path, query or trailing slash (how browsers send `Origin`).
-fn is_origin(o: &str) -> bool {
-    let Some(rest) = o
-        .strip_prefix("https://")
-        .or_else(|| o.strip_prefix("http://"))
-    else {
-        return false;
-    };
-    !rest.is_empty()
-        && !rest.contains(['/', '?', '#', '@', ' '])
-        && rest == rest.to_ascii_lowercase()
+    #[test]
+    fn origins_are_scheme_host_port_only() {
+        for ok in [
+            "http://localhost:7420",
+            "https://agent.example.net",
+            "https://[::1]:8443",
+        ] {
+            assert!(is_origin(ok), "{ok}");
+        }
+        for bad in [
+            "localhost:7420",
+            "http://x/",
+            "https://a.b/path",
+            "http://A.example",
+            "null",
+            "http://u@h",
+            "ftp://h",
+        ] {
+            assert!(!is_origin(bad), "{bad}");
+        }
+    }
 }

@@ -194,14 +194,9 @@ pub fn serve_echo(listen: &str) -> Result<()> {
                 };
                 let (mut tx, mut rx) = ws.split();
                 while let Some(Ok(m)) = rx.next().await {
-                    match m {
-                        Message::Text(_) | Message::Binary(_) => {
-                            if tx.send(m).await.is_err() {
-                                break;
-                            }
-                        }
-                        Message::Close(_) => break,
-                        _ => {}
+                    let echo = matches!(m, Message::Text(_) | Message::Binary(_));
+                    if matches!(m, Message::Close(_)) || (echo && tx.send(m).await.is_err()) {
+                        break;
                     }
                 }
             });
