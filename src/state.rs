@@ -19,7 +19,7 @@ use crate::protocol::{ApiError, ErrorCode};
 use crate::sessions::Sessions;
 use crate::skills::Skills;
 use crate::storage::Db;
-use crate::storage::audit::{AuditEntry, AuditLog};
+use crate::storage::audit::{AuditEntry, AuditLog, Retention};
 
 /// The files of a data directory (SPEC §3).
 #[derive(Debug, Clone)]
@@ -103,7 +103,11 @@ impl AppState {
         let memory = Memory::open(&db, dir.resolve(&config.memory.model_dir))
             .expect("memory index loads from agent.db");
         let skills = Skills::load(&dir.root, skill_toggles);
-        let audit = AuditLog::start(dir.resolve(&config.audit.dir), db.clone());
+        let audit = AuditLog::start(
+            dir.resolve(&config.audit.dir),
+            db.clone(),
+            Retention::from(&config.audit),
+        );
         let limiter = HandshakeLimiter::new(
             config.server.auth_failures_per_minute,
             config.server.pair_failures_per_minute,

@@ -123,6 +123,19 @@ const MIGRATIONS: &[&str] = &[
     r#"
     DELETE FROM pairing_codes;
     "#,
+    // 7: the audit chain's retention anchor (SPEC §8a v1.1): the first
+    // retained record's seq and prev_hash once oldest segments were pruned,
+    // and how much was pruned in all.
+    r#"
+    CREATE TABLE audit_anchors (
+        dir TEXT PRIMARY KEY,
+        seq INTEGER NOT NULL,             -- first retained seq
+        prev_hash TEXT NOT NULL,          -- its prev_hash
+        pruned_segments INTEGER NOT NULL, -- segments deleted, in all
+        pruned_bytes INTEGER NOT NULL,    -- bytes deleted, in all
+        pruned_at INTEGER NOT NULL        -- Unix ms of the last pruning
+    );
+    "#,
 ];
 
 /// The schema version this build writes.
