@@ -345,6 +345,20 @@ pub const MIN_SEGMENT_BYTES: u64 = 1024;
 /// The commented `config.toml` written on first start.
 pub const DEFAULT_CONFIG_TOML: &str = include_str!("default_config.toml");
 
+/// Whether `o` is a serialised web origin: `http(s)://host[:port]`, lower
+/// case, without path, query or trailing slash (how browsers send `Origin`).
+fn is_origin(o: &str) -> bool {
+    let Some(rest) = o
+        .strip_prefix("https://")
+        .or_else(|| o.strip_prefix("http://"))
+    else {
+        return false;
+    };
+    !rest.is_empty()
+        && !rest.contains(['/', '?', '#', '@', ' '])
+        && rest == rest.to_ascii_lowercase()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -398,18 +412,4 @@ mod tests {
         assert!(p("[server]\ndevice_requests_per_sec = 0\n").is_err());
         assert!(p("[server]\ndevice_requests_per_sec = 0\ndevice_request_burst = 0\n").is_ok());
     }
-}
-
-/// Whether `o` is a serialised web origin: `http(s)://host[:port]`, lower
-/// case, without path, query or trailing slash (how browsers send `Origin`).
-fn is_origin(o: &str) -> bool {
-    let Some(rest) = o
-        .strip_prefix("https://")
-        .or_else(|| o.strip_prefix("http://"))
-    else {
-        return false;
-    };
-    !rest.is_empty()
-        && !rest.contains(['/', '?', '#', '@', ' '])
-        && rest == rest.to_ascii_lowercase()
 }

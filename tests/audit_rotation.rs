@@ -482,3 +482,31 @@ async fn update_config_changes_rotation_and_retention_live() {
     assert!(total_bytes(&s.path().join("audit")) <= 4096);
     assert_audit_verifies(s.path());
 }
+
+#[tokio::test]
+async fn the_dashboard_warns_when_the_audit_volume_cannot_hold_audit_max_bytes() {
+    // 1 EiB: no disk holds that much, so the check at start warns.
+    let s = TestServer::start_with_config("[audit]\nmax_bytes = 1152921504606846976\n").await;
+    let (c, _) = s.phone("p").await;
+    let d = c.request("get_dashboard", json!({})).await.unwrap();
+    let warnings = d["warnings"].as_array().unwrap();
+    assert!(
+        warnings.iter().any(|w| {
+            let w = w.as_str().unwrap();
+            w.contains("may grow by") && w.contains("audit.max_bytes")
+        }),
+        "{d}"
+    );
+    // With the default limit on this machine's disk, that warning is gone.
+    let s2 = TestServer::start().await;
+    let (c2, _) = s2.phone("p").await;
+    let d2 = c2.request("get_dashboard", json!({})).await.unwrap();
+    assert!(
+        d2["warnings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|w| !w.as_str().unwrap().contains("may grow by")),
+        "{d2}"
+    );
+}

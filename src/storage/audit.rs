@@ -1011,6 +1011,14 @@ impl AuditLog {
         }
     }
 
+    /// A cheap handle that queues records and retention checks, for tasks
+    /// that do not hold the whole server state.
+    pub fn sender(&self) -> AuditSender {
+        AuditSender {
+            tx: self.tx.clone(),
+        }
+    }
+
     /// The writer's health as last seen (no I/O).
     pub fn health(&self) -> &AuditHealth {
         &self.health
@@ -1095,6 +1103,24 @@ impl AuditLog {
             let _ = self.tx.send(Msg::Close).await;
             let _ = tokio::task::spawn_blocking(move || h.join()).await;
         }
+    }
+}
+
+/// See [`AuditLog::sender`].
+#[derive(Clone)]
+pub struct AuditSender {
+    tx: mpsc::Sender<Msg>,
+}
+
+impl AuditSender {
+    /// As [`AuditLog::record`].
+    pub async fn record(&self, entry: AuditEntry) {
+        let _ = self.tx.send(Msg::Entry(entry)).await;
+    }
+
+    /// As [`AuditLog::maintain`].
+    pub async fn maintain(&self, now_ms: i64) {
+        let _ = self.tx.send(Msg::Maintain { now_ms }).await;
     }
 }
 
