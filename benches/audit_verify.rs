@@ -102,7 +102,10 @@ fn main() {
                 (t.path().to_path_buf(), Some(t))
             }
         };
-    println!("writing a chain of {records} records under {}", base.display());
+    println!(
+        "writing a chain of {records} records under {}",
+        base.display()
+    );
     let gen_secs = generate(&base, records);
     let (bytes, files) = dir_bytes(&base.join("audit"));
     println!(
@@ -115,6 +118,7 @@ fn main() {
     let out = Command::new(bin)
         .args(["audit", "verify", "--data-dir"])
         .arg(&base)
+        .env("SECRETS_AGENT_LOG", "error")
         .output()
         .unwrap();
     let secs = started.elapsed().as_secs_f64();
