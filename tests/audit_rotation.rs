@@ -510,3 +510,53 @@ async fn the_dashboard_warns_when_the_audit_volume_cannot_hold_audit_max_bytes()
         "{d2}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_while_the_server_rotates_and_prunes_sees_a_consistent_chain() {
+    // The scheduler's daily audit-verify runs inside a live server.
+    let s = TestServer::start_with_config(
+        "[server]\ndevice_request_burst = 0\n[audit]\nsegment_bytes = 1024\nmax_bytes = 4096\n",
+    )
+    .await;
+    let (c, _) = s.phone("p").await;
+    let c = Arc::new(c);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut writers = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let (c, stop) = (c.clone(), stop.clone());
+        writers.spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                requests(&c, 1).await;
+                n += 1;
+            }
+            n
+        });
+    }
+    let (dir, db) = (audit_dir(&s), s.handle().state.db.clone());
+    // Verify over and over until the server has pruned (moved the first
+    // retained seq) at least 30 times meanwhile.
+    let checks = tokio::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
+        let mut firsts = std::collections::BTreeSet::new();
+        let mut runs = 0;
+        while firsts.len() < 30 {
+            assert!(started.elapsed() < T, "only {} prunings seen", firsts.len());
+            let r = secrets_agent::storage::audit::verify(&dir, &db)
+                .unwrap_or_else(|e| panic!("verify during writes: {e}"));
+            firsts.insert(r.first_seq);
+            runs += 1;
+        }
+        runs
+    })
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut sent = 0;
+    while let Some(n) = writers.join_next().await {
+        sent += n.unwrap();
+    }
+    let runs = checks.unwrap();
+    assert!(runs >= 30 && sent > 0, "{runs} checks, {sent} requests");
+    audit_now(&s).await;
+    assert_audit_verifies(s.path());
+}

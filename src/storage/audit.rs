@@ -1251,26 +1251,76 @@ pub fn pruned_names(outcome: &str) -> Option<(u64, String)> {
     Some((seq?, prev?))
 }
 
+/// What `verify` reads: the segments open and their lengths, the head and
+/// the anchor, all taken under the writers' lock (held only for that), so
+/// a writer rotating or pruning meanwhile changes nothing `verify` sees
+/// (an open file stays readable when it is renamed or deleted).
+struct Snapshot {
+    files: Vec<(Segment, File)>,
+    head: Option<(u64, String)>,
+    anchor: Option<Anchor>,
+    ignored: Vec<String>,
+}
+
+fn snapshot(dir: &Path, db: &Db) -> Result<Snapshot, String> {
+    // Best effort: a read-only copy of a data dir is verified without it.
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(LOCK_FILE))
+        .ok()
+        .filter(|l| l.lock().is_ok());
+    let taken = (|| {
+        let (segments, ignored) =
+            list_segments(dir).map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
+        // One descriptor per segment is held for the whole check.
+        let _ = rlimit::increase_nofile_limit(segments.len() as u64 + 1024);
+        let mut files = Vec::with_capacity(segments.len());
+        for mut seg in segments {
+            let f = File::open(&seg.path)
+                .map_err(|e| format!("cannot read {}: {e}", seg.path.display()))?;
+            seg.bytes = f
+                .metadata()
+                .map_err(|e| format!("cannot read {}: {e}", seg.path.display()))?
+                .len();
+            files.push((seg, f));
+        }
+        let key = dir.display().to_string();
+        let (head, anchor) = db
+            .blocking(move |c| Ok((load_head(c, &key)?, load_anchor(c, &key)?)))
+            .map_err(|e| e.to_string())?;
+        Ok(Snapshot {
+            files,
+            head,
+            anchor,
+            ignored,
+        })
+    })();
+    if let Some(l) = lock {
+        let _ = l.unlock();
+    }
+    taken
+}
+
 /// Checks the retained segments under `dir` as one chain, from the anchor
 /// in agent.db when older segments were pruned, and the DB head against
 /// its end. Reads line by line: memory stays constant whatever the size.
 /// Errors name the first bad record.
 pub fn verify(dir: &Path, db: &Db) -> Result<VerifyReport, String> {
-    let (segments, ignored) =
-        list_segments(dir).map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
-    let key = dir.display().to_string();
-    let (head, anchor) = db
-        .blocking(move |c| Ok((load_head(c, &key)?, load_anchor(c, &key)?)))
-        .map_err(|e| e.to_string())?;
+    let snap = snapshot(dir, db)?;
+    let (head, anchor, ignored) = (snap.head, snap.anchor, snap.ignored);
+    let segments: Vec<&Segment> = snap.files.iter().map(|f| &f.0).collect();
     let mut first_seq = 0u64;
     let mut seq = 0u64;
     let mut prev = ZERO_HASH.to_string();
     let mut head_hash_seen: Option<String> = None;
     let mut anchor_stated = false;
     let mut line = String::new();
-    for seg in &segments {
-        let file = File::open(&seg.path)
-            .map_err(|e| format!("cannot read {}: {e}", seg.path.display()))?;
+    for (seg, file) in snap.files.iter().map(|(s, f)| (s, f)) {
+        // Only the bytes there were when the snapshot was taken: a batch
+        // being appended meanwhile is not read half-written.
+        let file = Read::take(file, seg.bytes);
         let mut reader = BufReader::with_capacity(1 << 20, file);
         let mut n = 0u64;
         let mut first_in_file = true;
