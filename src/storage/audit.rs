@@ -309,11 +309,7 @@ impl Closed {
             let last = File::open(&self.path)
                 .ok()
                 .and_then(|mut f| last_record(&mut f).ok().flatten());
-            self.newest_ms = last
-                .as_ref()
-                .and_then(|v| v.get("ts")?.as_str().map(String::from))
-                .and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok())
-                .map(|t| t.timestamp_millis());
+            self.newest_ms = last.as_ref().and_then(record_ms);
         }
         self.newest_ms
     }
@@ -330,6 +326,8 @@ struct View {
     active: Option<(u64, u64, u64)>,
     /// The seq of the active segment's first record (head + 1 while empty).
     active_first: u64,
+    /// Unix ms of the active segment's first record (None while empty).
+    active_first_ms: Option<i64>,
     seq: u64,
     hash: String,
     closed: VecDeque<Closed>,
@@ -438,7 +436,10 @@ impl ChainWriter {
         let id = (meta.dev(), meta.ino(), len);
         let mut view = match self.view.take() {
             Some(v) if v.active == Some(id) => v,
-            _ => self.rescan(&mut file, len)?,
+            _ => View {
+                active: Some(id),
+                ..self.rescan(&mut file, len)?
+            },
         };
         // Pruning makes room for what is about to be written, so the
         // segments stay within max_bytes after the append.
@@ -464,6 +465,12 @@ impl ChainWriter {
             // Only leftovers of an earlier pruning, if any.
             if let Some(p) = prune {
                 self.delete(&mut view, p.leftovers);
+            }
+            if len > 0
+                && self.aged(&view, now_ms)
+                && let Err(e) = self.rotate(&mut view, &path)
+            {
+                tracing::error!(error = %e, "cannot close the audit segment");
             }
             self.view = Some(view);
             return Ok(());
@@ -526,6 +533,7 @@ impl ChainWriter {
         view.active = Some((id.0, id.1, end));
         if len == 0 {
             view.active_first = view.seq + 1;
+            view.active_first_ms = Some(entries.first().map_or(now_ms, |e| e.ts_ms.min(now_ms)));
         }
         view.seq = seq;
         view.hash = prev;
@@ -562,7 +570,7 @@ impl ChainWriter {
                 tracing::error!(error = %e, "cannot mirror the audit chain head in agent.db");
             }
         }
-        if end >= self.retention.segment_bytes
+        if (end >= self.retention.segment_bytes || self.aged(&view, now_ms))
             && let Err(e) = self.rotate(&mut view, &path)
         {
             // The records are written; the segment just grows on.
@@ -570,6 +578,17 @@ impl ChainWriter {
         }
         self.view = Some(view);
         Ok(())
+    }
+
+    /// Whether the active segment's first record is older than keep_days:
+    /// it is then closed, so that no segment spans more than keep_days and
+    /// a quiet server's records are pruned too (within 2 × keep_days).
+    fn aged(&self, view: &View, now_ms: i64) -> bool {
+        let days = self.retention.keep_days as i64;
+        days > 0
+            && view
+                .active_first_ms
+                .is_some_and(|t| t < now_ms.saturating_sub(days.saturating_mul(DAY_MS)))
     }
 
     /// Closes the active segment: renamed after its first seq.
@@ -587,6 +606,7 @@ impl ChainWriter {
         });
         view.active = None;
         view.active_first = view.seq + 1;
+        view.active_first_ms = None;
         Ok(())
     }
 
@@ -669,8 +689,10 @@ impl ChainWriter {
         // The first retained record: the first of the next closed segment,
         // else of the active one, else the next record to be written.
         let first_retained = match view.closed.get(keep) {
-            Some(c) => first_record_at(&c.path),
-            None if active_len > 0 => first_record_at(&self.dir.join(ACTIVE_SEGMENT)),
+            Some(c) => first_record_at(&c.path).map(|f| (f.0, f.1)),
+            None if active_len > 0 => {
+                first_record_at(&self.dir.join(ACTIVE_SEGMENT)).map(|f| (f.0, f.1))
+            }
             None => Some((view.seq + 1, view.hash.clone())),
         };
         let expected = next_first(view, keep - 1);
@@ -732,14 +754,15 @@ impl ChainWriter {
             (None, Some(h)) => h,
             (None, None) => (0, ZERO_HASH.to_string()),
         };
-        let active_first = if len > 0 {
-            first_record_at(&path).map(|r| r.0).unwrap_or(seq + 1)
+        let first = if len > 0 {
+            first_record_at(&path)
         } else {
-            seq + 1
+            None
         };
         Ok(View {
             active: None,
-            active_first,
+            active_first: first.as_ref().map_or(seq + 1, |f| f.0),
+            active_first_ms: first.and_then(|f| f.2),
             seq,
             hash,
             closed,
@@ -788,8 +811,8 @@ fn fsync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// The `seq` and `prev_hash` of the file's first record.
-fn first_record_at(path: &Path) -> Option<(u64, String)> {
+/// The `seq`, `prev_hash` and time (Unix ms) of the file's first record.
+fn first_record_at(path: &Path) -> Option<(u64, String, Option<i64>)> {
     let f = File::open(path).ok()?;
     let mut line = String::new();
     BufReader::new(f).read_line(&mut line).ok()?;
@@ -797,7 +820,16 @@ fn first_record_at(path: &Path) -> Option<(u64, String)> {
     Some((
         v.get("seq")?.as_u64()?,
         v.get("prev_hash")?.as_str()?.to_string(),
+        record_ms(&v),
     ))
+}
+
+/// A record's `ts` as Unix ms.
+fn record_ms(v: &Value) -> Option<i64> {
+    let ts = v.get("ts")?.as_str()?;
+    chrono::DateTime::parse_from_rfc3339(ts)
+        .ok()
+        .map(|t| t.timestamp_millis())
 }
 
 /// Reads the last non-empty line of the file as JSON.
@@ -1596,5 +1628,43 @@ mod tests {
         assert_eq!(parse_segment_name("audit-7.jsonl"), None);
         assert!(segment_file_name(9) < segment_file_name(10));
         assert!(segment_file_name(u64::MAX).as_str() < ACTIVE_SEGMENT);
+    }
+
+    #[test]
+    fn a_quiet_servers_records_are_pruned_by_age_too() {
+        // keep_days = 1 and segments far from full: the active segment is
+        // closed once its first record is a day old, then pruned once its
+        // newest one is; the clock is the records' (injected) time.
+        let d = tempfile::tempdir().unwrap();
+        let db = Db::open(&d.path().join("agent.db")).unwrap();
+        let dir = d.path().join("audit");
+        let mut w = ChainWriter::new(dir.clone(), db.clone()).with_retention(Retention {
+            segment_bytes: 1 << 20,
+            max_bytes: 0,
+            keep_days: 1,
+        });
+        let at = |ms: i64| AuditEntry {
+            ts_ms: ms,
+            ..entry("a", None, None)
+        };
+        let (t0, day) = (1_764_000_000_000, DAY_MS);
+        w.append(&[at(t0), at(t0 + 1), at(t0 + 2)]).unwrap();
+        w.maintain(t0 + day / 2).unwrap();
+        assert!(
+            !dir.join(segment_file_name(1)).exists(),
+            "not a day old yet"
+        );
+        w.append(&[at(t0 + 2 * day)]).unwrap();
+        assert!(dir.join(segment_file_name(1)).exists(), "closed: a day old");
+        w.maintain(t0 + 2 * day + day / 2).unwrap();
+        assert!(
+            dir.join(segment_file_name(1)).exists(),
+            "its newest is recent"
+        );
+        w.maintain(t0 + 3 * day + 1).unwrap();
+        assert!(!dir.join(segment_file_name(1)).exists(), "pruned");
+        let r = verify(&dir, &db).unwrap();
+        assert_eq!((r.first_seq, r.last_seq), (5, 5), "{r:?}");
+        assert_eq!(r.pruned.unwrap().seq, 5);
     }
 }
