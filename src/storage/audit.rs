@@ -1667,4 +1667,78 @@ mod tests {
         assert_eq!((r.first_seq, r.last_seq), (5, 5), "{r:?}");
         assert_eq!(r.pruned.unwrap().seq, 5);
     }
+
+    #[test]
+    fn segments_a_pruning_did_not_get_to_delete_verify_and_go_next_time() {
+        // A crash after the anchor is stored but before the files are
+        // deleted: the segments are back, verify still accepts the chain
+        // (checking the anchor where it is reached), and the next append
+        // deletes them without a second audit.pruned record.
+        let d = tempfile::tempdir().unwrap();
+        let db = Db::open(&d.path().join("agent.db")).unwrap();
+        let dir = d.path().join("audit");
+        let mut w = ChainWriter::new(dir.clone(), db.clone()).with_retention(Retention {
+            segment_bytes: 1024,
+            max_bytes: 4096,
+            keep_days: 0,
+        });
+        let saved = d.path().join("saved");
+        std::fs::create_dir_all(&saved).unwrap();
+        let mut n = 0;
+        while load_anchor_for(&db, &dir).is_none() {
+            for seg in list_segments(&dir).unwrap().0 {
+                if seg.first_seq.is_some() {
+                    std::fs::copy(&seg.path, saved.join(seg.path.file_name().unwrap())).unwrap();
+                }
+            }
+            w.append(&[entry("a", Some("dev"), None)]).unwrap();
+            n += 1;
+            assert!(n < 100, "never pruned");
+        }
+        let anchor = load_anchor_for(&db, &dir).unwrap();
+        let mut restored = 0;
+        for f in std::fs::read_dir(&saved).unwrap() {
+            let f = f.unwrap();
+            let to = dir.join(f.file_name());
+            if !to.exists() {
+                std::fs::copy(f.path(), to).unwrap();
+                restored += 1;
+            }
+        }
+        assert!(restored > 0);
+        let r = verify(&dir, &db).unwrap();
+        assert_eq!(r.first_seq, 1, "the restored segments are checked too");
+        let pruned_before = records_with(&dir, PRUNED_ACTION);
+        // The process restarts: a new writer.
+        let mut w = ChainWriter::new(dir.clone(), db.clone()).with_retention(w.retention);
+        w.append(&[entry("b", Some("dev"), None)]).unwrap();
+        assert_eq!(
+            records_with(&dir, PRUNED_ACTION),
+            pruned_before,
+            "no new pruning record"
+        );
+        let r = verify(&dir, &db).unwrap();
+        assert_eq!(r.first_seq, anchor.seq, "the leftovers are gone");
+    }
+
+    fn load_anchor_for(db: &Db, dir: &Path) -> Option<Anchor> {
+        let key = dir.display().to_string();
+        db.blocking(move |c| load_anchor(c, &key)).unwrap()
+    }
+
+    fn records_with(dir: &Path, action: &str) -> usize {
+        list_segments(dir)
+            .unwrap()
+            .0
+            .iter()
+            .flat_map(|s| {
+                std::fs::read_to_string(&s.path)
+                    .unwrap()
+                    .lines()
+                    .map(String::from)
+                    .collect::<Vec<_>>()
+            })
+            .filter(|l| l.contains(&format!("\"action\":\"{action}\"")))
+            .count()
+    }
 }
