@@ -62,6 +62,12 @@ pub struct ServerConfig {
     pub web_origin: Option<String>,
     /// Further browser origins that may open `/ws` (SPEC §4).
     pub allowed_origins: Vec<String>,
+    /// Admin requests per second a device may sustain, all its sessions
+    /// together (SPEC §7 v1.1; see `budget.rs`).
+    pub device_requests_per_sec: u32,
+    /// Requests a device may send at once beyond that rate; 0 turns the
+    /// budget off.
+    pub device_request_burst: u32,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -84,6 +90,12 @@ pub struct SchedulerConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct AuditConfig {
     pub dir: PathBuf,
+    /// A segment is closed once it holds this many bytes (SPEC §8a v1.1).
+    pub segment_bytes: u64,
+    /// Oldest segments are pruned while all hold more than this (0: no limit).
+    pub max_bytes: u64,
+    /// Segments whose newest record is older than this are pruned (0: never).
+    pub keep_days: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -112,6 +124,8 @@ impl Default for ServerConfig {
             pair_failures_per_minute: 100,
             web_origin: None,
             allowed_origins: Vec::new(),
+            device_requests_per_sec: 200,
+            device_request_burst: 2000,
         }
     }
 }
@@ -140,6 +154,9 @@ impl Default for AuditConfig {
     fn default() -> Self {
         AuditConfig {
             dir: "audit".into(),
+            segment_bytes: 64 << 20,
+            max_bytes: 2 << 30,
+            keep_days: 365,
         }
     }
 }
@@ -261,6 +278,34 @@ impl Config {
         if self.audit.dir.as_os_str().is_empty() {
             return Err("audit.dir must not be empty".into());
         }
+        range(
+            "audit.segment_bytes",
+            self.audit.segment_bytes,
+            MIN_SEGMENT_BYTES,
+            1 << 40,
+        )?;
+        if self.audit.max_bytes != 0 && self.audit.max_bytes < 2 * self.audit.segment_bytes {
+            return Err(format!(
+                "audit.max_bytes must be 0 (no limit) or at least 2 × audit.segment_bytes ({}), got {}",
+                2 * self.audit.segment_bytes,
+                self.audit.max_bytes
+            ));
+        }
+        range("audit.keep_days", self.audit.keep_days, 0, 36_500)?;
+        if self.server.device_request_burst > 0 {
+            range(
+                "server.device_requests_per_sec",
+                self.server.device_requests_per_sec as u64,
+                1,
+                1_000_000,
+            )?;
+        }
+        range(
+            "server.device_request_burst",
+            self.server.device_request_burst as u64,
+            0,
+            10_000_000,
+        )?;
         if self.memory.model_dir.as_os_str().is_empty() {
             return Err("memory.model_dir must not be empty".into());
         }
@@ -293,6 +338,9 @@ impl Config {
         })
     }
 }
+
+/// The smallest `audit.segment_bytes` accepted (a few records).
+pub const MIN_SEGMENT_BYTES: u64 = 1024;
 
 /// The commented `config.toml` written on first start.
 pub const DEFAULT_CONFIG_TOML: &str = include_str!("default_config.toml");
@@ -359,5 +407,31 @@ mod tests {
         ] {
             assert!(!is_origin(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn audit_retention_and_device_budget_are_validated() {
+        let c = Config::parse(DEFAULT_CONFIG_TOML, Path::new("c")).unwrap();
+        assert_eq!(c.audit, AuditConfig::default());
+        assert_eq!(
+            (c.audit.segment_bytes, c.audit.max_bytes, c.audit.keep_days),
+            (64 << 20, 2 << 30, 365)
+        );
+        assert_eq!(
+            (
+                c.server.device_requests_per_sec,
+                c.server.device_request_burst
+            ),
+            (200, 2000)
+        );
+        let p = |t: &str| Config::parse(t, Path::new("c"));
+        assert!(p("[audit]\nsegment_bytes = 1023\n").is_err());
+        assert!(p("[audit]\nsegment_bytes = 4096\nmax_bytes = 8191\n").is_err());
+        assert!(p("[audit]\nsegment_bytes = 4096\nmax_bytes = 8192\n").is_ok());
+        assert!(p("[audit]\nmax_bytes = 0\nkeep_days = 0\n").is_ok());
+        assert!(p("[audit]\nkeep_days = 36501\n").is_err());
+        assert!(p("[audit]\nkeep_days = -1\n").is_err());
+        assert!(p("[server]\ndevice_requests_per_sec = 0\n").is_err());
+        assert!(p("[server]\ndevice_requests_per_sec = 0\ndevice_request_burst = 0\n").is_ok());
     }
 }

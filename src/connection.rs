@@ -724,6 +724,10 @@ impl Session {
             }
             (true, Err(e)) => frames::jsonrpc_error(id, &e),
         };
+        // The device's request budget (SPEC §7 v1.1, `budget.rs`).
+        if let Err(e) = self.state.budget.admit(&self.handle.device_id, &action) {
+            return self.send(respond(Err(e), &key, &id)).await;
+        }
         if let Err(code) = self.inflight.try_insert(jsonrpc, &key, self.max_in_flight) {
             return self
                 .send(respond(Err(refusal(code, self.max_in_flight)), &key, &id))

@@ -7,10 +7,12 @@
 pub mod admission;
 pub mod approvals;
 pub mod auth;
+pub mod budget;
 pub mod clock;
 pub mod config;
 pub mod config_file;
 pub mod connection;
+pub mod disk;
 pub mod handlers;
 pub mod logging;
 pub mod memory;

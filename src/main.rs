@@ -16,7 +16,7 @@ use secrets_agent::clock::{rfc3339_ms, system_now_ms};
 use secrets_agent::config::Config;
 use secrets_agent::server::prepare_data_dir;
 use secrets_agent::state::DataDir;
-use secrets_agent::storage::audit::{AuditEntry, ChainWriter, verify};
+use secrets_agent::storage::audit::{AuditEntry, ChainWriter, Retention, verify};
 use secrets_agent::storage::{Db, devices};
 
 #[derive(Parser)]
@@ -201,7 +201,10 @@ fn open(dir: &DataDir) -> Result<(Db, Config)> {
 }
 
 fn cli_audit(dir: &DataDir, db: &Db, config: &Config, action: &str, outcome: &str) -> Result<()> {
-    let mut w = ChainWriter::new(dir.resolve(&config.audit.dir), db.clone());
+    // The same rotation and retention as the server: both append under the
+    // audit dir's lock, so either may close or prune a segment.
+    let mut w = ChainWriter::new(dir.resolve(&config.audit.dir), db.clone())
+        .with_retention(Retention::from(&config.audit));
     w.append(&[AuditEntry {
         ts_ms: system_now_ms(),
         device_id: None,
@@ -375,12 +378,32 @@ fn audit_verify(dir: DataDir) -> Result<ExitCode> {
     let audit_dir = dir.resolve(&config.audit.dir);
     match verify(&audit_dir, &db) {
         Ok(r) => {
+            let span = if r.records > 0 {
+                format!(" (seq {}..={})", r.first_seq, r.last_seq)
+            } else {
+                String::new()
+            };
             println!(
-                "audit log OK: {} records in {} file(s) under {}",
+                "audit log OK: {} records{span} in {} segment file(s) under {}",
                 r.records,
                 r.files,
                 audit_dir.display()
             );
+            match &r.pruned {
+                Some(a) => println!(
+                    "pruned: {} records (seq 1..={}) in {} segment(s), {} bytes; last pruned {}; verified from the anchor at seq {}",
+                    a.seq.saturating_sub(1),
+                    a.seq.saturating_sub(1),
+                    a.pruned_segments,
+                    a.pruned_bytes,
+                    rfc3339_ms(a.pruned_at_ms),
+                    a.seq
+                ),
+                None => println!("pruned: nothing (the chain is verified from seq 1)"),
+            }
+            for name in &r.ignored {
+                println!("ignored (not a segment): {name}");
+            }
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {

@@ -11,15 +11,17 @@ use tokio_util::task::TaskTracker;
 use crate::approvals::Approvals;
 use crate::auth::keys::ServerKey;
 use crate::auth::ratelimit::HandshakeLimiter;
+use crate::budget::{DeviceBudget, RATE_LIMITED_ACTION};
 use crate::clock::Clock;
 use crate::config::Config;
+use crate::disk::DiskWatch;
 use crate::memory::Memory;
 use crate::plugins::Plugins;
 use crate::protocol::{ApiError, ErrorCode};
 use crate::sessions::Sessions;
 use crate::skills::Skills;
 use crate::storage::Db;
-use crate::storage::audit::{AuditEntry, AuditLog};
+use crate::storage::audit::{AuditEntry, AuditLog, AuditSender, Retention};
 
 /// The files of a data directory (SPEC §3).
 #[derive(Debug, Clone)]
@@ -73,6 +75,10 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// Every task the server spawns; shutdown waits for them.
     pub tasks: TaskTracker,
+    /// The request budget per device (SPEC §7 v1.1), fixed at start.
+    pub budget: Arc<DeviceBudget>,
+    /// Free space on the data and audit volumes, as last checked.
+    pub disk: Arc<DiskWatch>,
     /// The web companion's origin (SPEC §11): `server.web_origin`, else
     /// `http(s)://localhost:PORT` on loopback, else empty (no page may open
     /// `/ws` but `server.allowed_origins`). Set at start, once bound.
@@ -103,14 +109,37 @@ impl AppState {
         let memory = Memory::open(&db, dir.resolve(&config.memory.model_dir))
             .expect("memory index loads from agent.db");
         let skills = Skills::load(&dir.root, skill_toggles);
-        let audit = AuditLog::start(dir.resolve(&config.audit.dir), db.clone());
+        let audit = AuditLog::start(
+            dir.resolve(&config.audit.dir),
+            db.clone(),
+            Retention::from(&config.audit),
+        );
         let limiter = HandshakeLimiter::new(
             config.server.auth_failures_per_minute,
             config.server.pair_failures_per_minute,
         );
+        let budget = Arc::new(DeviceBudget::new(
+            config.server.device_requests_per_sec,
+            config.server.device_request_burst,
+        ));
+        let disk = Arc::new(DiskWatch::default());
+        let (data_path, audit_path) = crate::disk::paths(&dir.root, &config.audit);
+        disk.check(&data_path, &audit_path, &config.audit);
+        let config = watch::Sender::new(Arc::new(config));
+        let shutdown = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        tasks.spawn(housekeeping(Housekeeping {
+            root: dir.root.clone(),
+            config: config.subscribe(),
+            clock,
+            disk: disk.clone(),
+            budget: budget.clone(),
+            audit: audit.sender(),
+            shutdown: shutdown.clone(),
+        }));
         AppState {
             dir,
-            config: watch::Sender::new(Arc::new(config)),
+            config,
             db,
             key,
             clock,
@@ -123,8 +152,10 @@ impl AppState {
             scheduler,
             config_write: tokio::sync::Mutex::new(()),
             skills,
-            shutdown: CancellationToken::new(),
-            tasks: TaskTracker::new(),
+            shutdown,
+            tasks,
+            budget,
+            disk,
             web_origin: String::new(),
         }
     }
@@ -195,6 +226,58 @@ impl AppState {
                 params_digest,
                 outcome: outcome.to_string(),
                 approval_id: approval_id.map(String::from),
+            })
+            .await;
+    }
+}
+
+/// What the periodic housekeeping task owns.
+struct Housekeeping {
+    root: PathBuf,
+    config: watch::Receiver<Arc<Config>>,
+    clock: Clock,
+    disk: Arc<DiskWatch>,
+    budget: Arc<DeviceBudget>,
+    audit: AuditSender,
+    shutdown: CancellationToken,
+}
+
+/// Every [`crate::disk::CHECK_EVERY`]: checks free disk space, writes the
+/// budget's refusals in aggregate (one record per device), forgets idle
+/// budgets, and lets the audit writer prune by age even when idle. Writes
+/// the last refusals at shutdown.
+async fn housekeeping(h: Housekeeping) {
+    let mut tick = tokio::time::interval(crate::disk::CHECK_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    tick.tick().await; // the first check ran at start
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = h.shutdown.cancelled() => break,
+        }
+        let cfg = h.config.borrow().clone();
+        let (data, audit_dir) = crate::disk::paths(&h.root, &cfg.audit);
+        let disk = h.disk.clone();
+        let _ =
+            tokio::task::spawn_blocking(move || disk.check(&data, &audit_dir, &cfg.audit)).await;
+        report_refusals(&h).await;
+        h.budget.forget_idle();
+        h.audit.maintain(h.clock.now_ms()).await;
+    }
+    report_refusals(&h).await;
+}
+
+async fn report_refusals(h: &Housekeeping) {
+    for (device, n) in h.budget.take_refusals() {
+        tracing::warn!(device = %device, refused = n, "a device went over its request budget");
+        h.audit
+            .record(AuditEntry {
+                ts_ms: h.clock.now_ms(),
+                device_id: Some(device.to_string()),
+                action: RATE_LIMITED_ACTION.into(),
+                params_digest: None,
+                outcome: format!("refused:{n}"),
+                approval_id: None,
             })
             .await;
     }

@@ -235,7 +235,9 @@ async fn oversized_frame() {
 
 #[tokio::test]
 async fn ten_thousand_requests_without_reading_responses() {
-    let s = TestServer::start().await;
+    // The device budget (2,000 burst) is off: this row is about the outbox
+    // and in-flight limits; tests/device_budget.rs covers the budget.
+    let s = TestServer::start_with_config("[server]\ndevice_request_burst = 0\n").await;
     let (r, d) = session(&s).await;
     let (mut tx, mut rx) = futures_util::StreamExt::split(r.ws);
     let sender = tokio::spawn(async move {

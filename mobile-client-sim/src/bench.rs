@@ -128,8 +128,13 @@ async fn start_target(args: &BenchArgs, state: &Path, ca: Option<PathBuf>) -> Re
     };
     let dir = std::env::temp_dir().join(format!("secrets-agent-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    // Generous limits so the load itself is measured, not refused.
-    std::fs::write(dir.join("config.toml"), "[server]\nmax_in_flight = 1024\n")?;
+    // Generous limits so the load itself is measured, not refused: 1,024 in
+    // flight per session and no per-device request budget (one bench device
+    // sends far more than the default 200/s).
+    std::fs::write(
+        dir.join("config.toml"),
+        "[server]\nmax_in_flight = 1024\ndevice_request_burst = 0\n",
+    )?;
     let mut child = Command::new(&bin)
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(&dir)

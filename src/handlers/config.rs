@@ -11,6 +11,7 @@ use crate::config_file::{merge_section, write_atomically};
 use crate::protocol::{ApiError, ErrorCode};
 use crate::rpc::{ActionResult, Caller, NoParams, SECRET_KEYS};
 use crate::state::AppState;
+use crate::storage::audit::Retention;
 
 pub async fn get_config(state: Arc<AppState>, _caller: Caller, _p: NoParams) -> ActionResult {
     let mut v = state.config().public_view();
@@ -134,6 +135,10 @@ pub async fn update_config(state: Arc<AppState>, approved: Approved<UpdateConfig
     let (new_audit, new_model) = (next.audit.dir.clone(), next.memory.model_dir.clone());
     state.set_config(next);
     // Applied before answering, so the next request sees the change.
+    let retention = Retention::from(&state.config().audit);
+    if Retention::from(&old.audit) != retention {
+        state.audit.set_retention(retention).await;
+    }
     if old.audit.dir != new_audit {
         state.audit.set_dir(state.dir.resolve(&new_audit)).await;
     }

@@ -1,4 +1,6 @@
 //! `get_dashboard`: the agent at a glance (SPEC §6). Served from memory, no I/O.
+//! `warnings` (v1.1): what the owner should act on before something fails,
+//! e.g. low disk space on the data or audit volume (`disk.rs`).
 
 use std::sync::Arc;
 
@@ -17,5 +19,6 @@ pub async fn get_dashboard(state: Arc<AppState>, _caller: Caller, _p: NoParams) 
         "skill_count": state.skills.count(),
         "scheduled_task_count": state.scheduler.count(),
         "recent_executions": state.scheduler.recent_json(),
+        "warnings": *state.disk.warnings(),
     }))
 }

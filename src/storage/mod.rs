@@ -129,6 +129,19 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE devices ADD COLUMN webauthn_credential_id BLOB;
     ALTER TABLE devices ADD COLUMN sign_count INTEGER NOT NULL DEFAULT 0;
     "#,
+    // 8: the audit chain's retention anchor (SPEC §8a v1.1): the first
+    // retained record's seq and prev_hash once oldest segments were pruned,
+    // and how much was pruned in all.
+    r#"
+    CREATE TABLE audit_anchors (
+        dir TEXT PRIMARY KEY,
+        seq INTEGER NOT NULL,             -- first retained seq
+        prev_hash TEXT NOT NULL,          -- its prev_hash
+        pruned_segments INTEGER NOT NULL, -- segments deleted, in all
+        pruned_bytes INTEGER NOT NULL,    -- bytes deleted, in all
+        pruned_at INTEGER NOT NULL        -- Unix ms of the last pruning
+    );
+    "#,
 ];
 
 /// The schema version this build writes.

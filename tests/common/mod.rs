@@ -139,13 +139,9 @@ impl TestServer {
         self.handle = Some(h);
     }
 
+    /// Every retained audit record, across segments, oldest first.
     pub fn audit_lines(&self) -> Vec<Value> {
-        let p = self.path().join("audit").join("audit.jsonl");
-        std::fs::read_to_string(p)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
+        audit_records(&self.path().join("audit"))
     }
 }
 
@@ -157,6 +153,31 @@ pub async fn start_in(dir: &Path) -> ServerHandle {
     })
     .await
     .unwrap()
+}
+
+/// The segment files under an audit dir, in chain order (closed segments by
+/// the seq their name states, then the active `audit.jsonl`).
+pub fn audit_segments(audit_dir: &Path) -> Vec<PathBuf> {
+    secrets_agent::storage::audit::list_segments(audit_dir)
+        .unwrap()
+        .0
+        .into_iter()
+        .map(|s| s.path)
+        .collect()
+}
+
+/// Every record in the segments under `audit_dir`, in chain order.
+pub fn audit_records(audit_dir: &Path) -> Vec<Value> {
+    audit_segments(audit_dir)
+        .iter()
+        .flat_map(|p| {
+            std::fs::read_to_string(p)
+                .unwrap_or_default()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect::<Vec<Value>>()
+        })
+        .collect()
 }
 
 /// The audit log after everything queued so far is on disk.
