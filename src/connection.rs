@@ -146,6 +146,7 @@ pub async fn serve(
     };
     drop(ticket);
     if let Some(a) = authed {
+        tracing::Span::current().record("device", a.device_id.as_str());
         budget.lift();
         outbox.push(a.reply.clone());
         let mut session = Session::new(
@@ -621,7 +622,7 @@ impl Session {
 
     async fn run(&mut self, stream: &mut SplitStream<Ws>, closer: &mut Closer) {
         self.state.sessions.insert(self.handle.clone());
-        tracing::info!(session = %self.handle.session_id, device = %self.handle.device_id, "session started");
+        tracing::info!(session = %self.handle.session_id, "session started");
         crate::approvals::on_session_start(&self.state, &self.handle).await;
         let mut ping = tokio::time::interval_at(Instant::now() + PING_EVERY, PING_EVERY);
         let silence = sleep(SILENCE_LIMIT);
@@ -740,11 +741,28 @@ impl Session {
             self.outbox.clone(),
             self.inflight.clone(),
         );
-        self.state.tasks.spawn(async move {
+        // Every log line of the request, the approval it waits for and the
+        // SQLite work it does carries the request's identity.
+        let span = tracing::info_span!(
+            "request",
+            session = %caller.session_id,
+            device = %caller.device_id,
+            request_id = %key,
+            action = %action,
+        );
+        let task = async move {
+            tracing::debug!("request received");
             let out = registry.call(&state, &action, params, caller).await;
+            match &out {
+                Ok(_) => tracing::debug!("request answered"),
+                Err(e) => tracing::debug!(code = e.code.as_str(), "request refused"),
+            }
             outbox.deliver(respond(out, &key, &id)).await;
             inflight.remove(jsonrpc, &key);
-        });
+        };
+        self.state
+            .tasks
+            .spawn(tracing::Instrument::instrument(task, span));
     }
 
     fn caller(&self, request_id: &str) -> Caller {

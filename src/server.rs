@@ -280,7 +280,14 @@ async fn accept_loop(
                     }
                 }
             };
-            connection::serve(state2, registry2, io, peer, ticket).await;
+            // Every log line of this connection carries its peer and, once
+            // authenticated, its device (recorded by `connection::serve`).
+            let span = tracing::info_span!("conn", %peer, device = tracing::field::Empty);
+            tracing::Instrument::instrument(
+                connection::serve(state2, registry2, io, peer, ticket),
+                span,
+            )
+            .await;
             drop(permit);
         });
     }

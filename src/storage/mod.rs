@@ -180,9 +180,19 @@ impl Db {
         F: FnOnce(&mut Connection) -> Result<R, StorageError> + Send + 'static,
     {
         let conn = self.conn.clone();
+        // The caller's span (its request) follows the work onto the pool.
+        let span = tracing::Span::current();
         tokio::task::spawn_blocking(move || {
+            let _entered = span.enter();
+            let started = std::time::Instant::now();
             let mut guard = conn.lock().unwrap_or_else(|p| p.into_inner());
-            f(&mut guard)
+            let out = f(&mut guard);
+            tracing::trace!(
+                us = started.elapsed().as_micros() as u64,
+                ok = out.is_ok(),
+                "sqlite"
+            );
+            out
         })
         .await
         .map_err(|e| StorageError::Join(e.to_string()))?
