@@ -207,7 +207,9 @@ pub async fn start(opts: Options) -> Result<ServerHandle, StartError> {
     let actions = registry.action_names();
     state.tasks.spawn(watch_revocations(state.clone()));
     state.tasks.spawn(report_failures(state.clone()));
-    state.tasks.spawn(crate::memory::watch(state.clone()));
+    state
+        .tasks
+        .spawn(state.memory.clone().watch(state.shutdown.clone()));
     state.tasks.spawn(crate::scheduler::runner(state.clone()));
     let accept = tokio::spawn(accept_loop(listener, state.clone(), registry, tls));
     Ok(ServerHandle {

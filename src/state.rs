@@ -66,7 +66,7 @@ pub struct AppState {
     pub audit: AuditLog,
     pub approvals: Approvals,
     pub plugins: Plugins,
-    pub memory: Memory,
+    pub memory: Arc<Memory>,
     pub scheduler: crate::scheduler::Scheduler,
     /// Serialises writers of config.toml.
     pub config_write: tokio::sync::Mutex<()>,
@@ -148,7 +148,7 @@ impl AppState {
             audit,
             approvals: Approvals::default(),
             plugins,
-            memory,
+            memory: Arc::new(memory),
             scheduler,
             config_write: tokio::sync::Mutex::new(()),
             skills,

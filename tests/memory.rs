@@ -343,12 +343,7 @@ async fn import_reports_bad_lines_and_the_running_server_picks_up_the_rest() {
     }
     assert!(stdout.contains("imported 102 memories"), "{stdout}");
     // The running server picks the rows up (its watcher does this every 2 s).
-    s.handle()
-        .state
-        .memory
-        .catch_up(&s.handle().state.db)
-        .await
-        .unwrap();
+    s.handle().state.memory.catch_up().await.unwrap();
     assert_eq!(
         c.request("get_dashboard", json!({})).await.unwrap()["memory_count"],
         103

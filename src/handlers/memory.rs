@@ -18,7 +18,7 @@ pub async fn create_memory(state: Arc<AppState>, _c: Caller, p: NewMemory) -> Ac
         .validate(state.clock.now_ms())
         .map_err(ApiError::invalid)?;
     let _admitted = state.memory.admit()?;
-    let entry = state.memory.create(&state.db, entry).await?;
+    let entry = state.memory.create(entry).await?;
     Ok(json!({"result": "memory", "entry": entry.to_json()}))
 }
 
@@ -70,7 +70,7 @@ pub async fn search_memories(state: Arc<AppState>, _c: Caller, p: SearchMemories
         return Err(ApiError::invalid("`query` is too long"));
     }
     let _admitted = state.memory.admit()?;
-    let hits = state.memory.search(&state.db, &p.query, limit).await?;
+    let hits = state.memory.search(&p.query, limit).await?;
     let results: Vec<_> = hits
         .iter()
         .map(|(e, s)| json!({"entry": e.to_json(), "similarity": s}))
@@ -115,7 +115,7 @@ pub async fn prepare_delete(
 
 pub async fn delete_memory(state: Arc<AppState>, approved: Approved<DeleteMemory>) -> ActionResult {
     let id = approved.params().id.clone();
-    if !state.memory.delete(&state.db, &id).await? {
+    if !state.memory.delete(&id).await? {
         return Err(ApiError::not_found(format!("no memory {id:?}")));
     }
     tracing::info!(memory = %id, approval = approved.approval_id(), "memory deleted");

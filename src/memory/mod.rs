@@ -20,6 +20,7 @@ use std::sync::{Arc, RwLock};
 
 use serde::Deserialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
 
 use crate::protocol::{ApiError, ErrorCode};
 use crate::storage::{Db, StorageError};
@@ -98,8 +99,11 @@ pub const MAX_SCANS: usize = 2;
 /// The `retry_after_ms` of a `busy` answer.
 pub const BUSY_RETRY_AFTER_MS: u64 = 250;
 
-/// The memory service held by `AppState`.
+/// The memory service: it owns what it uses (its `Db` handle, the vector
+/// index, the embedder and its admission limits); handlers reach it through
+/// `AppState`, and it never reaches the server's state.
 pub struct Memory {
+    db: Db,
     index: Arc<RwLock<VectorIndex>>,
     /// `index.len()`, readable without the lock (the dashboard never waits on a scan).
     count: Arc<AtomicUsize>,
@@ -137,6 +141,7 @@ impl Memory {
         }
         tracing::info!(memories = index.len(), "memory index loaded");
         Ok(Memory {
+            db: db.clone(),
             count: Arc::new(AtomicUsize::new(index.len())),
             index: Arc::new(RwLock::new(index)),
             admitted: Arc::new(Semaphore::new(MAX_ADMITTED)),
@@ -203,13 +208,14 @@ impl Memory {
 
     /// Stores a memory with its embedding; visible to list and search once
     /// this returns.
-    pub async fn create(&self, db: &Db, entry: Entry) -> Result<Entry, ApiError> {
+    pub async fn create(&self, entry: Entry) -> Result<Entry, ApiError> {
         let (mut vs, model_id) = self.embed(vec![entry.content.clone()]).await?;
         let v = vs
             .pop()
             .ok_or_else(|| ApiError::internal("no embedding returned"))?;
         let (e2, v2) = (entry.clone(), v.clone());
-        let rowids = db
+        let rowids = self
+            .db
             .call(move |c| store::insert_batch(c, &[(e2, v2)], &model_id))
             .await
             .map_err(storage)?;
@@ -222,9 +228,10 @@ impl Memory {
         Ok(entry)
     }
 
-    pub async fn delete(&self, db: &Db, id: &str) -> Result<bool, ApiError> {
+    pub async fn delete(&self, id: &str) -> Result<bool, ApiError> {
         let id2 = id.to_string();
-        let found = db
+        let found = self
+            .db
             .call(move |c| store::delete(c, &id2))
             .await
             .map_err(storage)?;
@@ -234,12 +241,7 @@ impl Memory {
     }
 
     /// Best first: (entry, cosine similarity).
-    pub async fn search(
-        &self,
-        db: &Db,
-        query: &str,
-        limit: usize,
-    ) -> Result<Vec<(Entry, f32)>, ApiError> {
+    pub async fn search(&self, query: &str, limit: usize) -> Result<Vec<(Entry, f32)>, ApiError> {
         let (mut vs, _) = self.embed(vec![query.to_string()]).await?;
         let q = vs
             .pop()
@@ -261,7 +263,8 @@ impl Memory {
         .await
         .map_err(|e| ApiError::internal(format!("search failed: {e}")))?;
         let ids: Vec<String> = hits.iter().map(|(id, _)| id.to_string()).collect();
-        let mut entries = db
+        let mut entries = self
+            .db
             .call(move |c| store::get_many(c, &ids))
             .await
             .map_err(storage)?;
@@ -272,17 +275,20 @@ impl Memory {
     }
 
     /// Picks up rows another process (the `memory import` CLI) committed.
-    pub async fn catch_up(&self, db: &Db) -> Result<usize, StorageError> {
+    pub async fn catch_up(&self) -> Result<usize, StorageError> {
         let after = self
             .index
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .max_rowid;
-        let newest = db.call(|c| store::max_rowid(c)).await?;
+        let newest = self.db.call(|c| store::max_rowid(c)).await?;
         if newest <= after {
             return Ok(0);
         }
-        let rows = db.call(move |c| store::vectors_after(c, after)).await?;
+        let rows = self
+            .db
+            .call(move |c| store::vectors_after(c, after))
+            .await?;
         let added = self
             .update_index(move |idx| {
                 let mut added = 0;
@@ -301,19 +307,22 @@ impl Memory {
     }
 }
 
-/// Keeps the index in step with rows that the `memory import` CLI commits
-/// (another process): checks every 2 s. (`update_config` reloads the
-/// embedder itself when `memory.model_dir` changes.)
-pub async fn watch(state: Arc<crate::state::AppState>) {
-    let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
-    loop {
-        tokio::select! {
-            _ = state.shutdown.cancelled() => return,
-            _ = tick.tick() => {
-                match state.memory.catch_up(&state.db).await {
-                    Ok(0) => {}
-                    Ok(n) => tracing::info!(added = n, "memories imported by another process are now searchable"),
-                    Err(e) => tracing::error!(error = %e, "memory index catch-up failed"),
+impl Memory {
+    /// Keeps the index in step with rows that the `memory import` CLI
+    /// commits (another process): checks every 2 s until `shutdown`.
+    /// (`update_config` reloads the embedder itself when `memory.model_dir`
+    /// changes.)
+    pub async fn watch(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {
+                    match self.catch_up().await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(added = n, "memories imported by another process are now searchable"),
+                        Err(e) => tracing::error!(error = %e, "memory index catch-up failed"),
+                    }
                 }
             }
         }
