@@ -262,10 +262,3 @@ impl Registry {
         }
     }
 }
-
-/// Builds the registry from every domain's module.
-pub fn build(state: Arc<AppState>) -> Registry {
-    let mut actions = Actions::new(state);
-    crate::handlers::register_all(&mut actions);
-    Registry::new(actions)
-}

@@ -18,7 +18,7 @@ use crate::auth::pairing::{LISTEN_URL_KEY, create_offer};
 use crate::config::{Config, ConfigError, DEFAULT_CONFIG_TOML};
 use crate::connection::{self, BoxIo};
 use crate::protocol::close;
-use crate::rpc::{self, Registry};
+use crate::rpc::Registry;
 use crate::state::{AppState, DataDir};
 use crate::storage::{Db, StorageError, devices};
 
@@ -203,7 +203,7 @@ pub async fn start(opts: Options) -> Result<ServerHandle, StartError> {
         let _ = std::io::stdout().flush();
     }
 
-    let registry = rpc::build(state.clone());
+    let registry = crate::handlers::registry(state.clone());
     let actions = registry.action_names();
     state.tasks.spawn(watch_revocations(state.clone()));
     state.tasks.spawn(report_failures(state.clone()));

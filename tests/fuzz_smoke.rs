@@ -113,7 +113,7 @@ fn decoder_survives_mutated_frames() {
 async fn params_parsing_of_every_action_survives_random_params() {
     let dir = tempfile::tempdir().unwrap();
     let state = secrets_agent::server::test_state(dir.path());
-    let registry = secrets_agent::rpc::build(state);
+    let registry = secrets_agent::handlers::registry(state);
     let names = registry.action_names();
     assert!(names.len() >= 10);
     let mut rng = StdRng::seed_from_u64(42);

@@ -16,7 +16,7 @@ fn registry() -> &'static (Registry, Vec<&'static str>) {
         let rt = tokio::runtime::Runtime::new().expect("runtime");
         let state = rt.block_on(async { secrets_agent::server::test_state(&dir) });
         std::mem::forget(rt);
-        let registry = secrets_agent::rpc::build(state);
+        let registry = secrets_agent::handlers::registry(state);
         let names = registry.action_names();
         assert!(!names.is_empty());
         (registry, names)

@@ -33,6 +33,14 @@ pub(crate) async fn persist_toggle(
     Ok(serde_json::json!({"result": "success", "message": format!("{label} '{name}' {word}")}))
 }
 
+/// The registry of every action (the dispatch table below), for `state`.
+/// `rpc` knows how to call actions; this module knows which there are.
+pub fn registry(state: std::sync::Arc<crate::state::AppState>) -> crate::rpc::Registry {
+    let mut actions = Actions::new(state);
+    register_all(&mut actions);
+    crate::rpc::Registry::new(actions)
+}
+
 pub fn register_all(m: &mut Actions) {
     register(m, "get_dashboard", dashboard::get_dashboard);
     register(m, "get_config", config::get_config);
