@@ -201,6 +201,7 @@ fn cli_audit(dir: &DataDir, db: &Db, config: &Config, action: &str, outcome: &st
         params_digest: None,
         outcome: outcome.into(),
         approval_id: None,
+        ..Default::default()
     }])?;
     Ok(())
 }

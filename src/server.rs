@@ -56,6 +56,8 @@ pub enum StartError {
     },
     #[error("TLS setup failed: {0}")]
     Tls(String),
+    #[error(transparent)]
+    Socket(#[from] crate::secrets::socket::SocketError),
 }
 
 /// How to start a server.
@@ -160,6 +162,10 @@ pub async fn start(opts: Options) -> Result<ServerHandle, StartError> {
         source,
     })?;
     let url = format!("{}://{addr}/ws", if tls.is_some() { "wss" } else { "ws" });
+    // The local secrets socket (SPEC §10): a path too long for a socket
+    // address, or another server on this data dir, stops the start here.
+    let socket_path = dir.root.join("agent.sock");
+    let socket = crate::secrets::socket::bind(&socket_path)?;
     db.set_meta(LISTEN_URL_KEY, url.clone()).await?;
 
     let web_origin = config.server.web_origin.clone().unwrap_or_else(|| {
@@ -203,6 +209,14 @@ pub async fn start(opts: Options) -> Result<ServerHandle, StartError> {
     state.tasks.spawn(report_failures(state.clone()));
     state.tasks.spawn(crate::memory::watch(state.clone()));
     state.tasks.spawn(crate::scheduler::runner(state.clone()));
+    state.tasks.spawn(crate::secrets::socket::serve(
+        socket,
+        socket_path,
+        state.secrets.clone(),
+        Arc::new(crate::approvals::local::StateHost(state.clone())),
+        state.shutdown.clone(),
+        state.tasks.clone(),
+    ));
     let accept = tokio::spawn(accept_loop(listener, state.clone(), registry, tls));
     Ok(ServerHandle {
         addr,

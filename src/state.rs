@@ -66,6 +66,8 @@ pub struct AppState {
     pub plugins: Plugins,
     pub memory: Memory,
     pub scheduler: crate::scheduler::Scheduler,
+    /// The secrets vault (SPEC §10).
+    pub secrets: crate::secrets::Secrets,
     /// Serialises writers of config.toml.
     pub config_write: tokio::sync::Mutex<()>,
     pub skills: Skills,
@@ -103,6 +105,7 @@ impl AppState {
         let memory = Memory::open(&db, dir.resolve(&config.memory.model_dir))
             .expect("memory index loads from agent.db");
         let skills = Skills::load(&dir.root, skill_toggles);
+        let secrets = crate::secrets::Secrets::new(db.clone(), clock, dir.root.clone());
         let audit = AuditLog::start(dir.resolve(&config.audit.dir), db.clone());
         let limiter = HandshakeLimiter::new(
             config.server.auth_failures_per_minute,
@@ -121,6 +124,7 @@ impl AppState {
             plugins,
             memory,
             scheduler,
+            secrets,
             config_write: tokio::sync::Mutex::new(()),
             skills,
             shutdown: CancellationToken::new(),
@@ -173,6 +177,7 @@ impl AppState {
                 params_digest,
                 outcome: outcome.to_string(),
                 approval_id: approval_id.map(String::from),
+                ..Default::default()
             })
             .await
             .map_err(|_| audit_unavailable())
@@ -195,6 +200,7 @@ impl AppState {
                 params_digest,
                 outcome: outcome.to_string(),
                 approval_id: approval_id.map(String::from),
+                ..Default::default()
             })
             .await;
     }

@@ -35,7 +35,7 @@ const LOCK_FILE: &str = ".lock";
 pub const LOST_ACTION: &str = "audit.lost";
 
 /// One event to record. Never holds a secret: params are reduced to a digest.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct AuditEntry {
     pub ts_ms: i64,
     pub device_id: Option<String>,
@@ -43,6 +43,14 @@ pub struct AuditEntry {
     pub params_digest: Option<String>,
     pub outcome: String,
     pub approval_id: Option<String>,
+    /// Secrets records (SPEC §10): the secret names (never values).
+    pub names: Option<Vec<String>>,
+    /// Secrets records: who a release was for (`{kind, key, pid, exe}`).
+    pub requester: Option<Value>,
+    /// Secrets records: the lease a release used or opened.
+    pub lease_id: Option<String>,
+    /// Secrets records: the leases the action ended.
+    pub leases_ended: Option<Vec<String>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +75,11 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> AuditError + '_ {
 pub fn jcs_digest(v: &Value) -> String {
     let canon = serde_jcs::to_string(v).unwrap_or_default();
     hex::encode(Sha256::digest(canon.as_bytes()))
+}
+
+/// RFC 8785 text of an optional field's value.
+fn jcs_text<T: serde::Serialize + ?Sized>(v: &T) -> String {
+    serde_jcs::to_string(v).unwrap_or_else(|_| "null".into())
 }
 
 fn record_hash(prev_hash: &str, record_without_hash: &Value) -> String {
@@ -98,12 +111,29 @@ fn canonical_record(e: &AuditEntry, seq: u64, prev: &str) -> (String, String) {
     }
     s.push_str(",\"device_id\":");
     s.push_str(&opt(&e.device_id));
+    // Optional fields of secrets records, in JCS key order.
+    if let Some(l) = &e.lease_id {
+        s.push_str(",\"lease_id\":");
+        s.push_str(&json_str(l));
+    }
+    if let Some(l) = &e.leases_ended {
+        s.push_str(",\"leases_ended\":");
+        s.push_str(&jcs_text(l));
+    }
+    if let Some(n) = &e.names {
+        s.push_str(",\"names\":");
+        s.push_str(&jcs_text(n));
+    }
     s.push_str(",\"outcome\":");
     s.push_str(&json_str(&e.outcome));
     s.push_str(",\"params_digest\":");
     s.push_str(&opt(&e.params_digest));
     s.push_str(",\"prev_hash\":");
     s.push_str(&json_str(prev));
+    if let Some(r) = &e.requester {
+        s.push_str(",\"requester\":");
+        s.push_str(&jcs_text(r));
+    }
     s.push_str(",\"seq\":");
     s.push_str(&seq.to_string());
     s.push_str(",\"ts\":");
@@ -347,6 +377,7 @@ impl Writer {
                     params_digest: None,
                     outcome: format!("lost:{lost}"),
                     approval_id: None,
+                    ..Default::default()
                 },
             );
         }
@@ -636,6 +667,7 @@ mod tests {
             params_digest: Some("ab".repeat(32)),
             outcome: "ok".into(),
             approval_id: approval.map(String::from),
+            ..Default::default()
         }
     }
 
