@@ -17,5 +17,6 @@ pub async fn get_dashboard(state: Arc<AppState>, _caller: Caller, _p: NoParams) 
         "skill_count": state.skills.count(),
         "scheduled_task_count": state.scheduler.count(),
         "recent_executions": state.scheduler.recent_json(),
+        "secret_count": state.secrets.stored(),
     }))
 }

@@ -156,6 +156,8 @@ struct Inner {
     clock: Clock,
     dir: PathBuf,
     key: Mutex<Option<Arc<VaultKey>>>,
+    /// Secrets stored (for the dashboard, which does no I/O).
+    stored: std::sync::atomic::AtomicI64,
 }
 
 impl std::fmt::Debug for Secrets {
@@ -170,14 +172,29 @@ impl Secrets {
     /// The vault of the data dir `dir` (whose `vault.key` is read when a
     /// value is first needed).
     pub fn new(db: Db, clock: Clock, dir: PathBuf) -> Secrets {
+        let stored = db
+            .blocking(|c| Ok(c.query_row("SELECT count(*) FROM secrets", [], |r| r.get(0))?))
+            .unwrap_or(0);
         Secrets {
             inner: Arc::new(Inner {
                 db,
                 clock,
                 dir,
                 key: Mutex::new(None),
+                stored: stored.into(),
             }),
         }
+    }
+
+    /// Secrets stored, as this process counted them (no I/O).
+    pub fn stored(&self) -> i64 {
+        self.inner.stored.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn adjust_stored(&self, by: i64) {
+        self.inner
+            .stored
+            .fetch_add(by, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn db(&self) -> &Db {
@@ -305,6 +322,11 @@ impl Secrets {
             .db
             .call(move |c| Ok(this.set_blocking(c, &name, &value, description.as_deref(), now)))
             .await?
+            .inspect(|o| {
+                if !o.replaced {
+                    self.adjust_stored(1);
+                }
+            })
     }
 
     fn set_blocking(
@@ -359,6 +381,7 @@ impl Secrets {
                 Ok(Some(ended))
             })
             .await?;
+        self.adjust_stored(-i64::from(r.is_some()));
         r.ok_or(missing)
     }
 
