@@ -169,7 +169,10 @@ fn call(dir: &DirArg, request: &Value) -> Result<Zeroizing<String>, Fail> {
         let mut answer = Zeroizing::new(String::new());
         match r.read_line(&mut answer) {
             Ok(0) | Err(_) => {
-                return Err(fail(EXIT_OTHER, "the server closed the socket without an answer"));
+                return Err(fail(
+                    EXIT_OTHER,
+                    "the server closed the socket without an answer",
+                ));
             }
             Ok(_) => {}
         }
@@ -333,7 +336,10 @@ fn exec(
             && !var.starts_with(|c: char| c.is_ascii_digit())
             && var.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
         if !ok_var {
-            return Err(fail(EXIT_USAGE, format!("--env {e:?}: {var:?} is not a variable name")));
+            return Err(fail(
+                EXIT_USAGE,
+                format!("--env {e:?}: {var:?} is not a variable name"),
+            ));
         }
         check_name(name)?;
         pairs.push((var.to_string(), name.to_string()));

@@ -61,7 +61,15 @@ pub async fn set_secret(state: Arc<AppState>, approved: Approved<SetSecret>) -> 
     let g = granted(&approved);
     let p = approved.into_params();
     let host = StateHost(state.clone());
-    let replaced = apply_set(&state.secrets, &host, &p.name, p.value, p.description, Some(g)).await?;
+    let replaced = apply_set(
+        &state.secrets,
+        &host,
+        &p.name,
+        p.value,
+        p.description,
+        Some(g),
+    )
+    .await?;
     let word = if replaced { "replaced" } else { "created" };
     Ok(json!({"result": "success", "message": format!("Secret '{}' {word}", p.name)}))
 }
@@ -155,7 +163,9 @@ pub struct RevokeLease {
 /// No approval: it only takes access away.
 pub async fn revoke_secret_lease(state: Arc<AppState>, c: Caller, p: RevokeLease) -> ActionResult {
     let Some(names) = state.secrets.revoke_lease(&p.lease_id).await? else {
-        return Err(ApiError::not_found("no live lease with this id (unknown or ended)"));
+        return Err(ApiError::not_found(
+            "no live lease with this id (unknown or ended)",
+        ));
     };
     StateHost(state.clone())
         .audit(SecretAudit {

@@ -133,7 +133,9 @@ fn parse_secrets(t: &toml::Table, kind: &str) -> Result<TaskSecrets, String> {
                     .as_str()
                     .ok_or("`secrets` maps ENV_VAR = \"SECRET_NAME\" (strings)")?;
                 if !valid_env_name(var) {
-                    return Err(format!("`secrets`: {var:?} is not an environment variable name"));
+                    return Err(format!(
+                        "`secrets`: {var:?} is not an environment variable name"
+                    ));
                 }
                 if !crate::secrets::valid_name(name) {
                     return Err(format!("`secrets`: {name:?} is not a secret name"));
@@ -159,7 +161,9 @@ fn parse_secrets(t: &toml::Table, kind: &str) -> Result<TaskSecrets, String> {
             out.reason = Some(r.clone())
         }
         Some(_) => {
-            return Err("`secrets_reason` must be 1 to 200 characters without control characters".into());
+            return Err(
+                "`secrets_reason` must be 1 to 200 characters without control characters".into(),
+            );
         }
     }
     Ok(out)

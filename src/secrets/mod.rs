@@ -247,6 +247,16 @@ impl Secrets {
         Ok(key)
     }
 
+    /// Ok if values can be opened now (vault.key present and right): what a
+    /// release checks before anyone is asked.
+    pub async fn check_key(&self) -> Result<(), SecretError> {
+        let this = self.clone();
+        self.inner
+            .db
+            .call(move |c| Ok(this.key(c).map(|_| ())))
+            .await?
+    }
+
     /// How many secrets are stored.
     pub async fn count(&self) -> Result<i64, SecretError> {
         Ok(self

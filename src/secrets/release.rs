@@ -216,6 +216,7 @@ pub async fn release(
         host.audit(refused("not_found", None)).await;
         return Err(ApiError::not_found(format!("no secret named {missing:?}")));
     }
+    secrets.check_key().await?;
     if let Some(lease_id) = secrets
         .find_lease(&req.requester.kind, &req.requester.key, &req.names)
         .await?
