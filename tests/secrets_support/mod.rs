@@ -107,3 +107,37 @@ pub fn assert_no_leak(what: &str, haystack: &[u8], forms: &[String]) {
         );
     }
 }
+
+/// One request over `DIR/agent.sock` from this process; every line the
+/// server sent, the final one last.
+pub async fn sock(dir: &Path, request: Value) -> Vec<Value> {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let s = tokio::net::UnixStream::connect(dir.join("agent.sock"))
+        .await
+        .unwrap();
+    let (rd, mut wr) = s.into_split();
+    wr.write_all(format!("{request}\n").as_bytes())
+        .await
+        .unwrap();
+    let mut lines = BufReader::new(rd).lines();
+    let mut out = Vec::new();
+    while let Some(l) = lines.next_line().await.unwrap() {
+        let v: Value = serde_json::from_str(&l).unwrap();
+        let last = v["type"] != "pending";
+        out.push(v);
+        if last {
+            break;
+        }
+    }
+    out
+}
+
+pub fn spawn_sock(dir: &Path, request: Value) -> tokio::task::JoinHandle<Vec<Value>> {
+    let dir = dir.to_path_buf();
+    tokio::spawn(async move { sock(&dir, request).await })
+}
+
+/// A release request line.
+pub fn release_req(names: &[&str], requester: &str, lease_secs: u64) -> Value {
+    serde_json::json!({"op": "release", "names": names, "reason": "test", "lease_secs": lease_secs, "requester": requester})
+}
