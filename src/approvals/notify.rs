@@ -2,7 +2,7 @@
 //! APPROVAL_ID` (and the summary when `notify.include_summary`) as
 //! text/plain to `notify.url`. In the background: it never delays or
 //! decides an approval. At most [`ATTEMPTS`] attempts, with backoff. The
-//! URL is a bearer capability: logged only as `redact_url` shows it.
+//! URL is a bearer capability: logged only as scheme, host and port.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,7 +49,7 @@ pub fn approval_created(state: &Arc<AppState>, action: &str, approval_id: &str, 
                     return;
                 }
                 Err(e) => {
-                    tracing::warn!(approval = %id, attempt, url = %redact_url(&url), error = %e, "approval notification failed");
+                    tracing::warn!(approval = %id, attempt, to = %origin_of(&url), error = %e, "approval notification failed");
                 }
             }
             if attempt < ATTEMPTS {
@@ -61,6 +61,16 @@ pub fn approval_created(state: &Arc<AppState>, action: &str, approval_id: &str, 
             }
         }
     });
+}
+
+/// Where a notification goes, as it may be logged: scheme, host and port
+/// only (an ntfy topic in the path is as secret as a query token).
+fn origin_of(url: &str) -> String {
+    let shown = redact_url(url);
+    match shown.split_once("://") {
+        Some((scheme, rest)) => format!("{scheme}://{}", rest.split('/').next().unwrap_or("")),
+        None => shown,
+    }
 }
 
 /// One POST; the HTTP client logs nothing during it (it would log the URL).
