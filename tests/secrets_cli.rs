@@ -349,3 +349,59 @@ async fn ctrl_c_withdraws_the_pending_release() {
     let err = phone.wait_event(T, |f| f["type"] == "error").await.unwrap();
     assert_eq!(err["code"], "not_found");
 }
+
+#[tokio::test]
+async fn exec_passes_signals_to_the_command() {
+    use tokio::io::AsyncBufReadExt;
+    let s = TestServer::start().await;
+    let (phone, pid) = s.phone("owner").await;
+    s.handle()
+        .state
+        .secrets
+        .set(
+            "TOK",
+            secrets_agent::secrets::SecretValue::new("tok".into()),
+            None,
+        )
+        .await
+        .unwrap();
+    let mut child = tokio::process::Command::new(common::bin())
+        .args([
+            "secret",
+            "exec",
+            "--reason",
+            "r",
+            "--env",
+            "T=TOK",
+            "--data-dir",
+        ])
+        .arg(s.path())
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "trap 'exit 42' TERM; echo ready; while :; do sleep 0.05; done",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    answer_next(&phone, &pid, "approve").await;
+    let mut out = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    assert_eq!(out.next_line().await.unwrap().as_deref(), Some("ready"));
+    let ok = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().unwrap().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let status = tokio::time::timeout(T, child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        status.code(),
+        Some(42),
+        "the command's own handler ran and its status came back"
+    );
+}
