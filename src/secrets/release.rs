@@ -130,9 +130,9 @@ impl std::fmt::Debug for Released {
 
 /// `3600` → `1 h`, `90` → `90 s`, `120` → `2 min`.
 pub fn duration_words(secs: u64) -> String {
-    if secs >= 3600 && secs % 3600 == 0 {
+    if secs >= 3600 && secs.is_multiple_of(3600) {
         format!("{} h", secs / 3600)
-    } else if secs >= 60 && secs % 60 == 0 {
+    } else if secs >= 60 && secs.is_multiple_of(60) {
         format!("{} min", secs / 60)
     } else {
         format!("{secs} s")
