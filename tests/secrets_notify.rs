@@ -224,3 +224,56 @@ async fn the_notify_url_is_a_secret_in_update_config() {
     let audit = audit + &std::fs::read_to_string(s.path().join("audit/audit.jsonl")).unwrap();
     assert!(!audit.contains("s3cret"));
 }
+
+#[tokio::test]
+async fn a_failing_endpoint_gets_at_most_4_attempts() {
+    // Answers every POST with 500 and counts them.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/t", l.local_addr().unwrap());
+    let (tx, mut hits) = mpsc::unbounded_channel::<()>();
+    tokio::spawn(async move {
+        loop {
+            let (mut c, _) = l.accept().await.unwrap();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut got = Vec::new();
+                while !String::from_utf8_lossy(&got).contains("\r\n\r\n") {
+                    let n = c.read(&mut buf).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                }
+                let _ = tx.send(());
+                let _ = c
+                    .write_all(
+                        b"HTTP/1.1 500 Oops\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                    )
+                    .await;
+            });
+        }
+    });
+    let s = TestServer::start_with_config(&format!("[notify]\nurl = {url:?}\n")).await;
+    let (phone, _pid) = s.phone("owner").await;
+    s.handle()
+        .state
+        .secrets
+        .set("A", SecretValue::new("a".into()), None)
+        .await
+        .unwrap();
+    // The backoff (1 s, 2 s, 4 s) runs on tokio's clock: paused from here on.
+    tokio::time::pause();
+    let get = spawn_sock(s.path(), release_req(&["A"], "job", 0));
+    next_request(&phone).await;
+    for _ in 0..4 {
+        hits.recv().await.unwrap();
+    }
+    tokio::time::advance(Duration::from_secs(60)).await;
+    // An absence: give a fifth POST (a real connection) time to arrive.
+    tokio::task::spawn_blocking(|| std::thread::sleep(Duration::from_millis(500)))
+        .await
+        .unwrap();
+    assert!(hits.try_recv().is_err(), "no fifth attempt");
+    get.abort();
+}
