@@ -149,6 +149,11 @@ pub async fn start(opts: Options) -> Result<ServerHandle, StartError> {
             addr: config.server.listen.clone(),
         });
     }
+    // The local secrets socket (SPEC §10): a path too long for a socket
+    // address, or another server on this data dir, stops the start here,
+    // before anything of the running server is touched.
+    let socket_path = dir.root.join("agent.sock");
+    let socket = crate::secrets::socket::bind(&socket_path)?;
     let db = Db::open(&dir.db())?;
     let key = ServerKey::load_or_create(&dir.server_key())?;
     let listener = TcpListener::bind(&addrs[..])
@@ -162,10 +167,6 @@ pub async fn start(opts: Options) -> Result<ServerHandle, StartError> {
         source,
     })?;
     let url = format!("{}://{addr}/ws", if tls.is_some() { "wss" } else { "ws" });
-    // The local secrets socket (SPEC §10): a path too long for a socket
-    // address, or another server on this data dir, stops the start here.
-    let socket_path = dir.root.join("agent.sock");
-    let socket = crate::secrets::socket::bind(&socket_path)?;
     db.set_meta(LISTEN_URL_KEY, url.clone()).await?;
 
     let web_origin = config.server.web_origin.clone().unwrap_or_else(|| {
