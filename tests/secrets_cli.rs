@@ -163,7 +163,7 @@ async fn a_denied_release_exits_3_with_nothing_on_stdout() {
     );
 }
 
-#[tokio::test(start_paused = true)]
+#[tokio::test]
 async fn an_unanswered_release_expires_with_exit_4() {
     let s = TestServer::start_with_config("[approvals]\ntimeout_secs = 30\n").await;
     let (phone, _pid) = s.phone("owner").await;
@@ -177,6 +177,8 @@ async fn an_unanswered_release_expires_with_exit_4() {
         )
         .await
         .unwrap();
+    // Paused from here (the handshake above ran on a live clock).
+    tokio::time::pause();
     let started = s.handle().state.clock.now_ms();
     // Paused clock: while the CLI waits and nothing else is to do, tokio's
     // clock moves to the approval's expiry (30 s) at once.
