@@ -162,17 +162,18 @@ fn call(dir: &DirArg, request: &Value) -> Result<Zeroizing<String>, Fail> {
         )
     })?;
     let line = Zeroizing::new(format!("{request}\n"));
-    s.write_all(line.as_bytes())
-        .map_err(|e| fail(EXIT_NO_SERVER, format!("the server closed the socket: {e}")))?;
+    // A refusal (e.g. of another uid) may arrive while we still write: a
+    // failed write is reported only if no answer can be read.
+    let written = s.write_all(line.as_bytes());
     let mut r = BufReader::new(s);
     loop {
         let mut answer = Zeroizing::new(String::new());
         match r.read_line(&mut answer) {
             Ok(0) | Err(_) => {
-                return Err(fail(
-                    EXIT_OTHER,
-                    "the server closed the socket without an answer",
-                ));
+                return Err(match &written {
+                    Err(e) => fail(EXIT_OTHER, format!("the server closed the socket: {e}")),
+                    Ok(()) => fail(EXIT_OTHER, "the server closed the socket without an answer"),
+                });
             }
             Ok(_) => {}
         }

@@ -26,6 +26,12 @@ pub const MAX_PENDING_LOCAL: usize = 16;
 /// The internal origin of local approvals (shown as null).
 const LOCAL_ORIGIN: &str = "";
 
+/// Whether an internal origin is the local one (no device originated it:
+/// revocation watching must not take it for an unknown device).
+pub(super) fn is_local(origin: &str) -> bool {
+    origin == LOCAL_ORIGIN
+}
+
 /// Creates an approval for `action` with `params` and waits for its
 /// decision. `gone` (the requester disconnected) expires it at once.
 pub async fn request(

@@ -212,11 +212,13 @@ impl Approvals {
         Err(ApiError::new(ErrorCode::Busy, refusal).with_retry_after(wait))
     }
 
-    /// Devices that originated a pending approval.
+    /// Devices that originated a pending approval (not the local socket's
+    /// and tasks' approvals, which no device originated).
     pub fn origin_devices(&self) -> Vec<String> {
         let mut v: Vec<String> = self
             .lock()
             .values()
+            .filter(|p| !local::is_local(&p.origin_device_id))
             .map(|p| p.origin_device_id.clone())
             .collect();
         v.sort_unstable();
