@@ -57,6 +57,7 @@ fn generate(dir: &Path, records: u64) -> f64 {
                 params_digest: Some(format!("{:064x}", i.wrapping_mul(0x9E37_79B9_7F4A_7C15))),
                 outcome: "ok".into(),
                 approval_id: None,
+                ..Default::default()
             })
             .collect();
         w.append(&batch).unwrap();

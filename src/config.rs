@@ -40,6 +40,8 @@ pub struct Config {
     pub audit: AuditConfig,
     pub memory: MemoryConfig,
     pub approvals: ApprovalsConfig,
+    pub secrets: SecretsConfig,
+    pub notify: NotifyConfig,
     /// `[[tasks]]`, kept raw: each is parsed by the scheduler on its own, so
     /// one bad task never stops the server.
     pub tasks: Vec<toml::Table>,
@@ -108,6 +110,31 @@ pub struct MemoryConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct ApprovalsConfig {
     pub timeout_secs: u64,
+}
+
+/// `[secrets]` (SPEC §10).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecretsConfig {
+    /// The longest lease a release may ask for (0..=86400; default 3600).
+    pub max_lease_secs: u64,
+}
+
+impl Default for SecretsConfig {
+    fn default() -> Self {
+        SecretsConfig {
+            max_lease_secs: 3600,
+        }
+    }
+}
+
+/// `[notify]` (SPEC §10 Waking the phone).
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct NotifyConfig {
+    /// An http(s) URL (ntfy / UnifiedPush), or "" for none. A secret.
+    pub url: Secret,
+    pub include_summary: bool,
 }
 
 impl Default for ServerConfig {
@@ -275,6 +302,21 @@ impl Config {
                 self.scheduler.timezone
             ));
         }
+        range(
+            "secrets.max_lease_secs",
+            self.secrets.max_lease_secs,
+            0,
+            86400,
+        )?;
+        let url = self.notify.url.expose();
+        if !url.is_empty()
+            && (!(url.starts_with("http://") || url.starts_with("https://"))
+                || url.parse::<ureq::http::Uri>().is_err()
+                || url.chars().any(|c| c.is_control() || c == ' '))
+        {
+            // The URL is a secret: the message never quotes it.
+            return Err("notify.url must be an http(s) URL, or \"\" for none".into());
+        }
         if self.audit.dir.as_os_str().is_empty() {
             return Err("audit.dir must not be empty".into());
         }
@@ -378,6 +420,23 @@ mod tests {
             ..Default::default()
         };
         assert!(!format!("{c:?}").contains("sk-live"));
+        let n = NotifyConfig {
+            url: Secret::new("https://ntfy.sh/topic-s3cr3t"),
+            include_summary: false,
+        };
+        assert!(!format!("{n:?}").contains("s3cr3t"));
+    }
+
+    #[test]
+    fn secrets_and_notify_sections() {
+        let c = Config::parse(DEFAULT_CONFIG_TOML, Path::new("c")).unwrap();
+        assert_eq!(c.secrets.max_lease_secs, 3600);
+        assert!(c.notify.url.is_empty() && !c.notify.include_summary);
+        assert!(Config::parse("[secrets]\nmax_lease_secs = 86401\n", Path::new("c")).is_err());
+        assert!(Config::parse("[secrets]\nmax_lease_secs = 0\n", Path::new("c")).is_ok());
+        let e = Config::parse("[notify]\nurl = \"ftp://x/s3cr3t\"\n", Path::new("c")).unwrap_err();
+        assert!(!e.to_string().contains("s3cr3t"));
+        assert!(Config::parse("[notify]\nurl = \"https://ntfy.sh/t\"\n", Path::new("c")).is_ok());
     }
 
     #[test]

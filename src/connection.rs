@@ -155,6 +155,7 @@ pub async fn serve(
             &a,
             outbox.clone(),
             cfg.server.max_in_flight,
+            peer,
         );
         session.run(&mut stream, &mut closer).await;
     }
@@ -595,6 +596,7 @@ struct Session {
     outbox: Outbox,
     inflight: Arc<InFlight>,
     max_in_flight: usize,
+    peer: SocketAddr,
 }
 
 impl Session {
@@ -604,6 +606,7 @@ impl Session {
         a: &Authenticated,
         outbox: Outbox,
         max_in_flight: usize,
+        peer: SocketAddr,
     ) -> Session {
         let handle = Arc::new(SessionHandle::new(
             a.session_id.as_str().into(),
@@ -617,6 +620,7 @@ impl Session {
             outbox,
             inflight: Arc::default(),
             max_in_flight,
+            peer,
         }
     }
 
@@ -769,6 +773,7 @@ impl Session {
         Caller {
             session_id: self.handle.session_id.clone(),
             device_id: self.handle.device_id.clone(),
+            peer: Some(self.peer),
             request_id: request_id.into(),
         }
     }

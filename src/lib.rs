@@ -21,6 +21,7 @@ pub mod private_fs;
 pub mod protocol;
 pub mod rpc;
 pub mod scheduler;
+pub mod secrets;
 pub mod server;
 pub mod sessions;
 pub mod skills;

@@ -1,5 +1,7 @@
 //! The `secrets-agent` binary: command line, logging, signals (SPEC §2).
 
+mod secret_cli;
+
 use std::path::PathBuf;
 
 /// mimalloc: the request path allocates many small, short-lived buffers;
@@ -75,6 +77,11 @@ enum Cmd {
     Audit {
         #[command(subcommand)]
         cmd: AuditCmd,
+    },
+    /// The local secrets interface: set, get, exec, list, rm.
+    Secret {
+        #[command(subcommand)]
+        cmd: secret_cli::SecretCmd,
     },
 }
 
@@ -161,6 +168,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Memory {
             cmd: MemoryCmd::Import { file, dir },
         } => memory_import(data_dir(&dir)?, &file),
+        Cmd::Secret { cmd } => secret_cli::run(cmd),
     }
 }
 
@@ -212,6 +220,7 @@ fn cli_audit(dir: &DataDir, db: &Db, config: &Config, action: &str, outcome: &st
         params_digest: None,
         outcome: outcome.into(),
         approval_id: None,
+        ..Default::default()
     }])?;
     Ok(())
 }

@@ -36,6 +36,8 @@ pub const READ_ONLY_ACTIONS: &[&str] = &[
     "list_task_executions",
     "list_memories",
     "search_memories",
+    "list_secrets",
+    "list_secret_leases",
 ];
 
 /// Whether `action` only reads (see [`READ_ONLY_ACTIONS`]).
@@ -52,6 +54,8 @@ pub const UNKNOWN_ACTION_RECORD: &str = "unknown_action";
 pub struct Caller {
     pub session_id: Arc<str>,
     pub device_id: Arc<str>,
+    /// The session's peer address (for `reveal_secret`: TLS or loopback only).
+    pub peer: Option<std::net::SocketAddr>,
     /// The envelope `request_id`, or the JSON-RPC id rendered as a string.
     pub request_id: Arc<str>,
 }
@@ -60,6 +64,51 @@ pub type ActionResult = Result<Value, ApiError>;
 
 /// Keys whose values are secrets wherever they appear in params.
 pub const SECRET_KEYS: &[&str] = &["api_key", "password", "token", "secret"];
+
+/// Params that are secrets for one action only, named by their path from
+/// the params object (a key such as `value` is a secret in `set_secret`,
+/// not in `update_config`, where only `[notify] url` is).
+pub fn action_secret_paths(action: &str, params: &Value) -> &'static [&'static [&'static str]] {
+    match action {
+        "set_secret" => &[&["value"]],
+        "update_config" if params.get("section").and_then(Value::as_str) == Some("notify") => {
+            &[&["value", "url"]]
+        }
+        _ => &[],
+    }
+}
+
+/// A copy of `params` with each of `action`'s own secret params
+/// ([`action_secret_paths`]) replaced by `mask(value)`.
+pub fn mask_action_secrets(
+    action: &str,
+    params: &Value,
+    mask: &mut dyn FnMut(&Value) -> Value,
+) -> Value {
+    let mut out = params.clone();
+    for path in action_secret_paths(action, params) {
+        let mut slot = Some(&mut out);
+        for k in path.iter() {
+            slot = slot.and_then(|v| v.get_mut(*k));
+        }
+        if let Some(v) = slot {
+            *v = mask(v);
+        }
+    }
+    out
+}
+
+/// [`redact_secrets`] after [`mask_action_secrets`]: what the audit sees.
+pub fn redact_action_params(action: &str, params: &Value) -> Value {
+    let masked = mask_action_secrets(action, params, &mut |v| {
+        if v.is_null() {
+            Value::Null
+        } else {
+            Value::String("[redacted]".into())
+        }
+    });
+    redact_secrets(&masked)
+}
 
 /// A copy of `params` with every secret value replaced by `"[redacted]"`:
 /// what the audit's `params_digest` is computed over, so no secret (nor a
@@ -200,7 +249,7 @@ impl Registry {
         caller: Caller,
     ) -> Result<Box<RawValue>, ApiError> {
         let params = Value::Object(params);
-        let redacted = redact_secrets(&params);
+        let redacted = redact_action_params(action, &params);
         let known = self.methods.method(action).is_some();
         let (audited_action, digest) = if known {
             (action, jcs_digest(&redacted))

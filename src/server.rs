@@ -56,6 +56,8 @@ pub enum StartError {
     },
     #[error("TLS setup failed: {0}")]
     Tls(String),
+    #[error(transparent)]
+    Socket(#[from] crate::secrets::socket::SocketError),
 }
 
 /// How to start a server.
@@ -147,6 +149,11 @@ pub async fn start(opts: Options) -> Result<ServerHandle, StartError> {
             addr: config.server.listen.clone(),
         });
     }
+    // The local secrets socket (SPEC §10): a path too long for a socket
+    // address, or another server on this data dir, stops the start here,
+    // before anything of the running server is touched.
+    let socket_path = dir.root.join("agent.sock");
+    let socket = crate::secrets::socket::bind(&socket_path)?;
     let db = Db::open(&dir.db())?;
     let key = ServerKey::load_or_create(&dir.server_key())?;
     let listener = TcpListener::bind(&addrs[..])
@@ -211,6 +218,14 @@ pub async fn start(opts: Options) -> Result<ServerHandle, StartError> {
         .tasks
         .spawn(state.memory.clone().watch(state.shutdown.clone()));
     state.tasks.spawn(crate::scheduler::runner(state.clone()));
+    state.tasks.spawn(crate::secrets::socket::serve(
+        socket,
+        socket_path,
+        state.secrets.clone(),
+        Arc::new(crate::approvals::local::StateHost(state.clone())),
+        state.shutdown.clone(),
+        state.tasks.clone(),
+    ));
     let accept = tokio::spawn(accept_loop(listener, state.clone(), registry, tls));
     Ok(ServerHandle {
         addr,

@@ -68,6 +68,8 @@ pub struct AppState {
     pub plugins: Plugins,
     pub memory: Arc<Memory>,
     pub scheduler: crate::scheduler::Scheduler,
+    /// The secrets vault (SPEC §10).
+    pub secrets: crate::secrets::Secrets,
     /// Serialises writers of config.toml.
     pub config_write: tokio::sync::Mutex<()>,
     pub skills: Skills,
@@ -109,6 +111,7 @@ impl AppState {
         let memory = Memory::open(&db, dir.resolve(&config.memory.model_dir))
             .expect("memory index loads from agent.db");
         let skills = Skills::load(&dir.root, skill_toggles);
+        let secrets = crate::secrets::Secrets::new(db.clone(), clock, dir.root.clone());
         let audit = AuditLog::start(
             dir.resolve(&config.audit.dir),
             db.clone(),
@@ -150,6 +153,7 @@ impl AppState {
             plugins,
             memory: Arc::new(memory),
             scheduler,
+            secrets,
             config_write: tokio::sync::Mutex::new(()),
             skills,
             shutdown,
@@ -204,6 +208,7 @@ impl AppState {
                 params_digest,
                 outcome: outcome.to_string(),
                 approval_id: approval_id.map(String::from),
+                ..Default::default()
             })
             .await
             .map_err(|_| audit_unavailable())
@@ -226,6 +231,7 @@ impl AppState {
                 params_digest,
                 outcome: outcome.to_string(),
                 approval_id: approval_id.map(String::from),
+                ..Default::default()
             })
             .await;
     }
@@ -278,6 +284,7 @@ async fn report_refusals(h: &Housekeeping) {
                 params_digest: None,
                 outcome: format!("refused:{n}"),
                 approval_id: None,
+                ..Default::default()
             })
             .await;
     }

@@ -12,6 +12,7 @@ use common::TestServer;
 use jsonschema::{Registry, Resource, Validator};
 use mobile_client_sim::client::approval_response;
 use mobile_client_sim::{ApprovalAlg, Identity, RawConn, proto};
+use secrets_agent::secrets::{Requester, SecretValue};
 use serde_json::{Value, json};
 
 const BASE: &str = "https://secrets-agent.dev/proto/";
@@ -120,7 +121,11 @@ impl Schemas {
 
 /// Sample params for every action (success case). A new action without a
 /// sample fails the test.
-fn samples(device_to_revoke: &str, memory_to_delete: &str) -> HashMap<&'static str, Value> {
+fn samples(
+    device_to_revoke: &str,
+    memory_to_delete: &str,
+    lease_to_revoke: &str,
+) -> HashMap<&'static str, Value> {
     HashMap::from([
         ("get_dashboard", json!({})),
         ("get_config", json!({})),
@@ -156,10 +161,26 @@ fn samples(device_to_revoke: &str, memory_to_delete: &str) -> HashMap<&'static s
             "search_memories",
             json!({"query": "authentication", "limit": 3}),
         ),
+        ("list_secrets", json!({})),
+        (
+            "set_secret",
+            json!({"name": "DEMO", "value": "s3cr3t ü", "description": "demo"}),
+        ),
+        ("delete_secret", json!({"name": "OLD"})),
+        ("reveal_secret", json!({"name": "DEMO"})),
+        ("list_secret_leases", json!({})),
+        ("revoke_secret_lease", json!({"lease_id": lease_to_revoke})),
     ])
 }
 
-const GATED: &[&str] = &["revoke_device", "update_config", "delete_memory"];
+const GATED: &[&str] = &[
+    "revoke_device",
+    "update_config",
+    "delete_memory",
+    "set_secret",
+    "delete_secret",
+    "reveal_secret",
+];
 
 #[tokio::test]
 async fn schemas_cover_exactly_the_registered_actions() {
@@ -246,7 +267,27 @@ async fn every_frame_in_a_full_scenario_matches_its_schema() {
     let mut action_of: HashMap<String, String> = HashMap::new();
     let mut n = 0;
     let registered: Vec<&str> = s.handle().actions.clone();
-    let samples = samples(&vid.device_id(), &mem_id);
+    // Secrets for delete/reveal, and a lease to revoke.
+    let st = &s.handle().state;
+    for name in ["DEMO", "OLD"] {
+        st.secrets
+            .set(name, SecretValue::new("v1".into()), None)
+            .await
+            .unwrap();
+    }
+    let lease = st
+        .secrets
+        .open_lease(
+            &["DEMO".to_string()],
+            &Requester::task("nightly"),
+            "schema sample",
+            60,
+            "apr_sample",
+            None,
+        )
+        .await
+        .unwrap();
+    let samples = samples(&vid.device_id(), &mem_id, &lease);
     for action in &registered {
         let params = samples
             .get(action)

@@ -68,7 +68,10 @@ enum Cmd {
     },
     /// Send one admin request and print the response payload as JSON.
     /// Params are key=value (value parsed as JSON when it is JSON; dotted keys nest:
-    /// `section=llm value.model=x`). Waits through a biometric approval.
+    /// `section=llm value.model=x`). `key=@-` reads that value, as a string, from
+    /// standard input to its end, less one trailing newline (e.g. a secret:
+    /// `set_secret name=X value=@-`, so it is never in argv). Waits through a
+    /// biometric approval.
     Admin {
         action: String,
         params: Vec<String>,
@@ -284,12 +287,33 @@ async fn answer(c: &Client, id: &Identity, a: &Approval, policy: Approve) -> Res
 
 /// `key=value` pairs to a params object (JSON values, dotted keys nest).
 fn parse_params(pairs: &[String]) -> Result<Value> {
+    parse_params_with_stdin(pairs, &mut std::io::stdin().lock())
+}
+
+/// [`parse_params`], with `key=@-` read from `stdin` (once).
+fn parse_params_with_stdin(pairs: &[String], stdin: &mut dyn std::io::Read) -> Result<Value> {
     let mut root = Map::new();
+    let mut stdin_used = false;
     for p in pairs {
         let (k, v) = p
             .split_once('=')
             .with_context(|| format!("expected key=value, got {p:?}"))?;
-        let value: Value = serde_json::from_str(v).unwrap_or_else(|_| Value::String(v.to_string()));
+        let value: Value = if v == "@-" {
+            anyhow::ensure!(!stdin_used, "only one value can be read from stdin (@-)");
+            stdin_used = true;
+            let mut text = String::new();
+            stdin
+                .read_to_string(&mut text)
+                .context("reading a value from stdin (@-): it must be UTF-8")?;
+            if text.ends_with("\r\n") {
+                text.truncate(text.len() - 2);
+            } else if text.ends_with('\n') {
+                text.pop();
+            }
+            Value::String(text)
+        } else {
+            serde_json::from_str(v).unwrap_or_else(|_| Value::String(v.to_string()))
+        };
         let mut parts: Vec<&str> = k.split('.').collect();
         let last = parts.pop().context("empty key")?;
         let mut cur = &mut root;
@@ -324,5 +348,14 @@ mod tests {
             json!({"section": "llm", "value": {"model": "claude", "n": 5}, "enabled": false})
         );
         assert!(parse_params(&["novalue".into()]).is_err());
+    }
+
+    #[test]
+    fn at_dash_reads_the_value_from_stdin() {
+        let mut input: &[u8] = b"s3cr3t {not json}\n";
+        let v = parse_params_with_stdin(&["name=X".into(), "value=@-".into()], &mut input).unwrap();
+        assert_eq!(v, json!({"name": "X", "value": "s3cr3t {not json}"}));
+        let mut input: &[u8] = b"a";
+        assert!(parse_params_with_stdin(&["a=@-".into(), "b=@-".into()], &mut input).is_err());
     }
 }

@@ -58,6 +58,17 @@ pub fn commit_secrets(params: &Value, key: &CommitmentKey) -> (Value, bool) {
     (v, committed)
 }
 
+/// [`commit_secrets`] that also commits `action`'s own secret params
+/// (`rpc::action_secret_paths`, e.g. `set_secret`'s `value`).
+pub fn commit_action_secrets(action: &str, params: &Value, key: &CommitmentKey) -> (Value, bool) {
+    let mut committed = false;
+    let masked = crate::rpc::mask_action_secrets(action, params, &mut |v| {
+        commit_one(v, key, &mut committed)
+    });
+    let (v, more) = commit_secrets(&masked, key);
+    (v, committed || more)
+}
+
 fn walk(v: &Value, key: &CommitmentKey, committed: &mut bool) -> Value {
     match v {
         Value::Object(m) => Value::Object(
@@ -120,6 +131,30 @@ mod tests {
             fresh["value"]["api_key"], v["value"]["api_key"],
             "K is per approval"
         );
+    }
+
+    #[test]
+    fn action_secrets_are_committed_only_where_they_are_secrets() {
+        let k = CommitmentKey([3; 32]);
+        let (v, c) =
+            commit_action_secrets("set_secret", &json!({"name": "A", "value": "s3cr3t"}), &k);
+        assert!(c);
+        assert_eq!(v["value"], format!("[redacted:{}]", k.tag(b"s3cr3t")));
+        assert_eq!(v["name"], "A");
+        let cfg = json!({"section": "llm", "value": {"model": "m"}});
+        assert_eq!(commit_action_secrets("update_config", &cfg, &k).0, cfg);
+        let (v, _) = commit_action_secrets(
+            "update_config",
+            &json!({"section": "notify", "value": {"url": "https://ntfy.sh/x", "include_summary": true}}),
+            &k,
+        );
+        assert!(
+            v["value"]["url"]
+                .as_str()
+                .unwrap()
+                .starts_with("[redacted:")
+        );
+        assert_eq!(v["value"]["include_summary"], true);
     }
 
     #[test]

@@ -14,6 +14,8 @@
 //! cannot decide it; revoking a device expires what it originated.
 
 pub mod commitment;
+pub mod local;
+pub mod notify;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -36,7 +38,7 @@ use crate::state::AppState;
 use crate::storage::audit::jcs_digest;
 use crate::storage::devices;
 
-use commitment::{CommitmentKey, commit_secrets};
+use commitment::{CommitmentKey, commit_action_secrets};
 
 /// Approvals pending at once per originating device (SPEC §8 Limits).
 pub const MAX_PENDING_PER_DEVICE: usize = 16;
@@ -211,11 +213,13 @@ impl Approvals {
         Err(ApiError::new(ErrorCode::Busy, refusal).with_retry_after(wait))
     }
 
-    /// Devices that originated a pending approval.
+    /// Devices that originated a pending approval (not the local socket's
+    /// and tasks' approvals, which no device originated).
     pub fn origin_devices(&self) -> Vec<String> {
         let mut v: Vec<String> = self
             .lock()
             .values()
+            .filter(|p| !local::is_local(&p.origin_device_id))
             .map(|p| p.origin_device_id.clone())
             .collect();
         v.sort_unstable();
@@ -305,7 +309,7 @@ async fn gate(
     // gets; the key is never stored, and its only copy moves into that event.
     let (params, commitment_key) = {
         let key = CommitmentKey::generate();
-        let (params, committed) = commit_secrets(&Value::Object(raw.clone()), &key);
+        let (params, committed) = commit_action_secrets(action, &Value::Object(raw.clone()), &key);
         (params, committed.then(|| key.to_b64()))
     };
     let action_digest = jcs_digest(&json!({"action": action, "params": params}));
@@ -383,6 +387,7 @@ async fn gate(
         pending.decide(Decision::Expired, None);
     } else {
         state.sessions.broadcast(&pending.request_frame());
+        notify::approval_created(state, action, &approval_id, summary);
     }
     if let Some(origin) = state
         .sessions

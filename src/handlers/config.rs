@@ -20,7 +20,20 @@ pub async fn get_config(state: Arc<AppState>, _caller: Caller, _p: NoParams) -> 
 }
 
 /// Sections the phone may change (SPEC §7).
-const UPDATABLE: &[&str] = &["llm", "scheduler", "memory", "approvals", "audit"];
+const UPDATABLE: &[&str] = &[
+    "llm",
+    "scheduler",
+    "memory",
+    "approvals",
+    "audit",
+    "secrets",
+    "notify",
+];
+
+/// Whether `section.key` holds a secret.
+fn is_secret(section: &str, key: &str) -> bool {
+    SECRET_KEYS.contains(&key) || (section == "notify" && key == "url")
+}
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -80,6 +93,8 @@ pub fn merged(
         "memory" => next.memory = serde_json::from_value(obj).map_err(bad)?,
         "approvals" => next.approvals = serde_json::from_value(obj).map_err(bad)?,
         "audit" => next.audit = serde_json::from_value(obj).map_err(bad)?,
+        "secrets" => next.secrets = serde_json::from_value(obj).map_err(bad)?,
+        "notify" => next.notify = serde_json::from_value(obj).map_err(bad)?,
         _ => unreachable!("checked above"),
     }
     next.validate().map_err(ApiError::invalid)?;
@@ -90,7 +105,7 @@ fn describe(section: &str, value: &Map<String, Value>) -> String {
     let parts: Vec<String> = value
         .iter()
         .map(|(k, v)| {
-            if SECRET_KEYS.contains(&k.as_str()) && !v.is_null() {
+            if is_secret(section, k) && !v.is_null() {
                 format!("{k} = [redacted]")
             } else {
                 format!("{k} = {v}")

@@ -20,5 +20,6 @@ pub async fn get_dashboard(state: Arc<AppState>, _caller: Caller, _p: NoParams) 
         "scheduled_task_count": state.scheduler.count(),
         "recent_executions": state.scheduler.recent_json(),
         "warnings": *state.disk.warnings(),
+        "secret_count": state.secrets.stored(),
     }))
 }

@@ -9,6 +9,7 @@ pub mod devices;
 pub mod memory;
 pub mod plugins;
 pub mod scheduler;
+pub mod secrets;
 pub mod skills;
 
 use crate::approvals::register_gated;
@@ -76,4 +77,20 @@ pub fn register_all(m: &mut Actions) {
         devices::prepare_revoke,
         devices::revoke_device,
     );
+    register(m, "list_secrets", secrets::list_secrets);
+    register_gated(m, "set_secret", secrets::prepare_set, secrets::set_secret);
+    register_gated(
+        m,
+        "delete_secret",
+        secrets::prepare_delete,
+        secrets::delete_secret,
+    );
+    crate::approvals::local::register_gated_for_caller(
+        m,
+        "reveal_secret",
+        secrets::prepare_reveal,
+        secrets::reveal_secret,
+    );
+    register(m, "list_secret_leases", secrets::list_secret_leases);
+    register(m, "revoke_secret_lease", secrets::revoke_secret_lease);
 }

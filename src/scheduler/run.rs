@@ -15,6 +15,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 use super::executions;
 use super::task::{Builtin, Handler, TaskDef};
+use crate::secrets::SecretValue;
+use crate::secrets::release::{ReleaseRequest, Requester};
 use crate::state::AppState;
 
 /// Output kept per stream, in bytes (the tail); the rest is dropped.
@@ -41,6 +43,82 @@ async fn drain(mut r: impl AsyncRead + Unpin) -> Vec<u8> {
     }
 }
 
+/// `bytes` with every occurrence of a released value replaced.
+fn clean(mut bytes: Vec<u8>, secrets: &[(String, SecretValue)]) -> Vec<u8> {
+    for (_, v) in secrets {
+        let needle = v.expose().as_bytes();
+        if needle.is_empty() {
+            continue;
+        }
+        let mut out = Vec::with_capacity(bytes.len());
+        let mut i = 0;
+        while i < bytes.len() {
+            if bytes[i..].starts_with(needle) {
+                out.extend_from_slice(b"[redacted]");
+                i += needle.len();
+            } else {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+        zeroize::Zeroize::zeroize(&mut bytes);
+        bytes = out;
+    }
+    bytes
+}
+
+/// Asks for the task's secrets (kind `task`) and waits; Err is the run's
+/// error (denied, expired, refused), which names no value.
+async fn release_for(
+    state: &Arc<AppState>,
+    task: &TaskDef,
+    trigger: &str,
+) -> Result<Vec<(String, SecretValue)>, String> {
+    if task.secrets.is_empty() {
+        return Ok(Vec::new());
+    }
+    let names: Vec<String> = task.secrets.env.iter().map(|(_, n)| n.clone()).collect();
+    let reason = task.secrets.reason.clone().unwrap_or_else(|| {
+        match trigger {
+            "manual" => "manual run",
+            "catch_up" => "catch-up run",
+            _ => "scheduled run",
+        }
+        .to_string()
+    });
+    let req = ReleaseRequest {
+        names,
+        requester: Requester::task(&task.name),
+        reason,
+        lease_secs: task.secrets.lease_secs,
+    };
+    let host = crate::approvals::local::StateHost(state.clone());
+    let released = crate::secrets::release::release(
+        &state.secrets,
+        &host,
+        req,
+        tokio_util::sync::CancellationToken::new(),
+        None,
+    )
+    .await
+    .map_err(|e| format!("secrets not released ({}): {}", e.code.as_str(), e.message))?;
+    let by_name: std::collections::HashMap<&str, &SecretValue> = released
+        .values
+        .iter()
+        .map(|(n, v)| (n.as_str(), v))
+        .collect();
+    task.secrets
+        .env
+        .iter()
+        .map(|(var, name)| {
+            by_name
+                .get(name.as_str())
+                .map(|v| (var.clone(), (*v).clone()))
+                .ok_or_else(|| format!("secret {name:?} was not released"))
+        })
+        .collect()
+}
+
 fn tail(bytes: &[u8]) -> String {
     let s = String::from_utf8_lossy(bytes);
     // A character cut by the 64 KiB window decodes as U+FFFD: drop it.
@@ -60,10 +138,12 @@ pub async fn run_process(
     cwd: &std::path::Path,
     stdin: Option<Vec<u8>>,
     timeout: Duration,
+    secrets: &[(String, SecretValue)],
 ) -> Result<(), String> {
     let (prog, args) = argv.split_first().ok_or("empty command")?;
     let mut child = tokio::process::Command::new(prog)
         .args(args)
+        .envs(secrets.iter().map(|(k, v)| (k, v.expose())))
         .current_dir(cwd)
         .stdin(if stdin.is_some() {
             Stdio::piped()
@@ -90,7 +170,8 @@ pub async fn run_process(
         }
     };
     let stdout = out.await.unwrap_or_default();
-    let stderr = err.await.unwrap_or_default();
+    // The captured output is cleaned of the values the run received.
+    let stderr = clean(err.await.unwrap_or_default(), secrets);
     tracing::debug!(program = %prog, stdout_bytes = stdout.len(), "task command finished");
     if status.success() {
         Ok(())
@@ -192,11 +273,13 @@ pub async fn run(
 ) -> Result<(), String> {
     match &task.handler {
         Handler::Command { argv, timeout_secs } => {
+            let secrets = release_for(state, task, trigger).await?;
             run_process(
                 argv,
                 &state.dir.root,
                 None,
                 Duration::from_secs(*timeout_secs),
+                &secrets,
             )
             .await
         }
@@ -205,6 +288,7 @@ pub async fn run(
             timeout_secs,
         } => {
             let cmd = state.plugins.task_command(plugin)?;
+            let secrets = release_for(state, task, trigger).await?;
             let input = describe_run(task, execution_id, started_at, trigger)
                 .to_string()
                 .into_bytes();
@@ -213,6 +297,7 @@ pub async fn run(
                 &cmd.dir,
                 Some(input),
                 Duration::from_secs(*timeout_secs),
+                &secrets,
             )
             .await
         }

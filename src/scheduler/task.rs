@@ -90,6 +90,83 @@ pub struct TaskDef {
     /// The file's `enabled` (a toggle overrides it).
     pub enabled: bool,
     pub catch_up: bool,
+    /// Secrets the run's child gets in its environment (SPEC §10 Tasks).
+    pub secrets: TaskSecrets,
+}
+
+/// A task's `secrets = {ENV = "NAME"}`, `secrets_lease_secs`, `secrets_reason`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TaskSecrets {
+    /// (environment variable, secret name), sorted by variable.
+    pub env: Vec<(String, String)>,
+    pub lease_secs: u64,
+    pub reason: Option<String>,
+}
+
+impl TaskSecrets {
+    pub fn is_empty(&self) -> bool {
+        self.env.is_empty()
+    }
+}
+
+fn valid_env_name(v: &str) -> bool {
+    let b = v.as_bytes();
+    !b.is_empty()
+        && b.len() <= 128
+        && (b[0].is_ascii_alphabetic() || b[0] == b'_')
+        && b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'_')
+}
+
+fn parse_secrets(t: &toml::Table, kind: &str) -> Result<TaskSecrets, String> {
+    let mut out = TaskSecrets::default();
+    let any = ["secrets", "secrets_lease_secs", "secrets_reason"]
+        .iter()
+        .any(|k| t.contains_key(*k));
+    if any && kind != "command" && kind != "plugin" {
+        return Err("`secrets` is only for `command` and `plugin` tasks".into());
+    }
+    match t.get("secrets") {
+        None => {}
+        Some(toml::Value::Table(m)) => {
+            for (var, v) in m {
+                let name = v
+                    .as_str()
+                    .ok_or("`secrets` maps ENV_VAR = \"SECRET_NAME\" (strings)")?;
+                if !valid_env_name(var) {
+                    return Err(format!(
+                        "`secrets`: {var:?} is not an environment variable name"
+                    ));
+                }
+                if !crate::secrets::valid_name(name) {
+                    return Err(format!("`secrets`: {name:?} is not a secret name"));
+                }
+                out.env.push((var.clone(), name.to_string()));
+            }
+            out.env.sort();
+        }
+        Some(_) => return Err("`secrets` must be a table: { ENV_VAR = \"SECRET_NAME\" }".into()),
+    }
+    match t.get("secrets_lease_secs") {
+        None => {}
+        Some(toml::Value::Integer(n)) if (0..=86400).contains(n) => out.lease_secs = *n as u64,
+        Some(_) => return Err("`secrets_lease_secs` must be an integer in 0..=86400".into()),
+    }
+    match t.get("secrets_reason") {
+        None => {}
+        Some(toml::Value::String(r))
+            if !r.trim().is_empty()
+                && r.chars().count() <= crate::secrets::release::MAX_REASON_CHARS
+                && !r.chars().any(char::is_control) =>
+        {
+            out.reason = Some(r.clone())
+        }
+        Some(_) => {
+            return Err(
+                "`secrets_reason` must be 1 to 200 characters without control characters".into(),
+            );
+        }
+    }
+    Ok(out)
 }
 
 pub fn task_id(name: &str) -> String {
@@ -159,6 +236,9 @@ pub fn parse_task(t: &toml::Table) -> Result<TaskDef, String> {
         "method",
         "builtin",
         "plugin",
+        "secrets",
+        "secrets_lease_secs",
+        "secrets_reason",
     ];
     if let Some(k) = t.keys().find(|k| !known.contains(&k.as_str())) {
         return Err(format!("unknown key `{k}`"));
@@ -248,7 +328,9 @@ pub fn parse_task(t: &toml::Table) -> Result<TaskDef, String> {
             }
             None => return Err("missing `handler`".into()),
         };
+    let secrets = parse_secrets(t, handler.kind())?;
     Ok(TaskDef {
+        secrets,
         id: task_id(&name),
         name,
         cron_expression,

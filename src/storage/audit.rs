@@ -57,7 +57,7 @@ pub const PRUNED_ACTION: &str = "audit.pruned";
 pub const LOST_ACTION: &str = "audit.lost";
 
 /// One event to record. Never holds a secret: params are reduced to a digest.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct AuditEntry {
     pub ts_ms: i64,
     pub device_id: Option<String>,
@@ -65,6 +65,14 @@ pub struct AuditEntry {
     pub params_digest: Option<String>,
     pub outcome: String,
     pub approval_id: Option<String>,
+    /// Secrets records (SPEC §10): the secret names (never values).
+    pub names: Option<Vec<String>>,
+    /// Secrets records: who a release was for (`{kind, key, pid, exe}`).
+    pub requester: Option<Value>,
+    /// Secrets records: the lease a release used or opened.
+    pub lease_id: Option<String>,
+    /// Secrets records: the leases the action ended.
+    pub leases_ended: Option<Vec<String>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +97,11 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> AuditError + '_ {
 pub fn jcs_digest(v: &Value) -> String {
     let canon = serde_jcs::to_string(v).unwrap_or_default();
     hex::encode(Sha256::digest(canon.as_bytes()))
+}
+
+/// RFC 8785 text of an optional field's value.
+fn jcs_text<T: serde::Serialize + ?Sized>(v: &T) -> String {
+    serde_jcs::to_string(v).unwrap_or_else(|_| "null".into())
 }
 
 fn record_hash(prev_hash: &str, record_without_hash: &Value) -> String {
@@ -119,7 +132,22 @@ fn canonical_record(e: &AuditEntry, seq: u64, prev: &str) -> (String, String) {
         prev,
         seq,
         &rfc3339_ms(e.ts_ms),
+        Extras {
+            lease_id: e.lease_id.as_deref(),
+            leases_ended: e.leases_ended.as_deref(),
+            names: e.names.as_deref(),
+            requester: e.requester.as_ref(),
+        },
     )
+}
+
+/// The optional fields of secrets records (SPEC §10), in a record's JCS form.
+#[derive(Default, Clone, Copy)]
+struct Extras<'a> {
+    lease_id: Option<&'a str>,
+    leases_ended: Option<&'a [String]>,
+    names: Option<&'a [String]>,
+    requester: Option<&'a Value>,
 }
 
 /// [`canonical_record`] from the record's fields as written.
@@ -133,6 +161,7 @@ fn canonical_fields(
     prev: &str,
     seq: u64,
     ts: &str,
+    extra: Extras<'_>,
 ) -> (String, String) {
     let opt = |v: Option<&str>| v.map(json_str).unwrap_or_else(|| "null".into());
     let mut s = String::with_capacity(320);
@@ -144,12 +173,28 @@ fn canonical_fields(
     }
     s.push_str(",\"device_id\":");
     s.push_str(&opt(device_id));
+    if let Some(l) = extra.lease_id {
+        s.push_str(",\"lease_id\":");
+        s.push_str(&json_str(l));
+    }
+    if let Some(l) = extra.leases_ended {
+        s.push_str(",\"leases_ended\":");
+        s.push_str(&jcs_text(l));
+    }
+    if let Some(n) = extra.names {
+        s.push_str(",\"names\":");
+        s.push_str(&jcs_text(n));
+    }
     s.push_str(",\"outcome\":");
     s.push_str(&json_str(outcome));
     s.push_str(",\"params_digest\":");
     s.push_str(&opt(params_digest));
     s.push_str(",\"prev_hash\":");
     s.push_str(&json_str(prev));
+    if let Some(r) = extra.requester {
+        s.push_str(",\"requester\":");
+        s.push_str(&jcs_text(r));
+    }
     s.push_str(",\"seq\":");
     s.push_str(&seq.to_string());
     s.push_str(",\"ts\":");
@@ -457,6 +502,7 @@ impl ChainWriter {
                     p.first_seq, p.prev_hash, p.victims, p.records, p.bytes, p.reason
                 ),
                 approval_id: None,
+                ..Default::default()
             });
             batch.extend_from_slice(entries);
             (buf, seq, prev) = render(&batch, view.seq, &view.hash);
@@ -924,6 +970,7 @@ impl Writer {
                     params_digest: None,
                     outcome: format!("lost:{lost}"),
                     approval_id: None,
+                    ..Default::default()
                 },
             );
         }
@@ -1231,6 +1278,7 @@ fn check_line(line: &str) -> Result<Checked, String> {
             &l.prev_hash,
             l.seq,
             &l.ts,
+            Extras::default(),
         );
         return Ok(Checked {
             seq: l.seq,
@@ -1501,7 +1549,25 @@ mod tests {
             params_digest: Some("ab".repeat(32)),
             outcome: "ok".into(),
             approval_id: approval.map(String::from),
+            ..Default::default()
         }
+    }
+
+    #[test]
+    fn secrets_records_with_optional_fields_are_jcs() {
+        let mut e = entry("secret.released", None, Some("apr_1"));
+        e.names = Some(vec!["B_TOKEN".into(), "A\u{1}é".into()]);
+        e.requester =
+            Some(json!({"kind": "cli", "key": "/usr/bin/sh \"x\"", "pid": 42, "exe": null}));
+        e.lease_id = Some("lease_1".into());
+        e.leases_ended = Some(vec!["lease_0".into()]);
+        let (fast, hash) = canonical_record(&e, 7, ZERO_HASH);
+        let v = json!({"seq": 7, "ts": rfc3339_ms(e.ts_ms), "device_id": null, "action": e.action,
+                       "params_digest": e.params_digest, "outcome": e.outcome, "prev_hash": ZERO_HASH,
+                       "approval_id": "apr_1", "names": e.names, "requester": e.requester,
+                       "lease_id": "lease_1", "leases_ended": ["lease_0"]});
+        assert_eq!(fast, serde_jcs::to_string(&v).unwrap());
+        assert_eq!(hash, record_hash(ZERO_HASH, &v));
     }
 
     #[test]

@@ -142,6 +142,34 @@ const MIGRATIONS: &[&str] = &[
         pruned_at INTEGER NOT NULL        -- Unix ms of the last pruning
     );
     "#,
+    // 9: the secrets vault (SPEC §10): values sealed with vault.key (never
+    // stored here), and release leases.
+    r#"
+    CREATE TABLE secrets (
+        name TEXT PRIMARY KEY,
+        description TEXT NOT NULL DEFAULT '',
+        ciphertext BLOB NOT NULL,      -- 24-byte nonce || XChaCha20-Poly1305(value), AD = name
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        last_released_at INTEGER,
+        release_count INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE secret_leases (
+        lease_id TEXT PRIMARY KEY,
+        names TEXT NOT NULL,           -- JSON array, sorted
+        requester_kind TEXT NOT NULL,
+        requester_key TEXT NOT NULL,
+        requester_json TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        approval_id TEXT NOT NULL,
+        device_id TEXT,                -- the approving device
+        granted_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL,
+        ended_at INTEGER,
+        end_reason TEXT
+    );
+    CREATE INDEX secret_leases_live ON secret_leases(requester_kind, requester_key) WHERE ended_at IS NULL;
+    "#,
 ];
 
 /// The schema version this build writes.
