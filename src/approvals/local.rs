@@ -5,20 +5,18 @@
 //! [`MAX_PENDING_LOCAL`] within the 128 in all. A requester that goes away
 //! expires its approval at once.
 
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use serde_json::{Value, json};
-use tokio::sync::{Notify, oneshot};
+use serde_json::Value;
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use super::commitment::{CommitmentKey, commit_action_secrets};
-use super::{Decision, Pending, finish, notify};
-use crate::auth::keys::{b64, random_bytes};
+use super::{decide_and_finish, new_pending, notify, store_pending};
 use crate::protocol::{ApiError, ErrorCode};
 use crate::secrets::release::{BoxFuture, Granted, Host, PendingNotice, SecretAudit};
 use crate::state::AppState;
-use crate::storage::audit::{AuditEntry, jcs_digest};
+use crate::storage::audit::AuditEntry;
 use crate::storage::devices;
 
 /// Approvals pending at once from the local socket and tasks together.
@@ -44,34 +42,8 @@ pub async fn request(
 ) -> Result<Granted, ApiError> {
     // K goes to no one: the commitment only tells different values apart.
     let (params, _) = commit_action_secrets(action, &params, &CommitmentKey::generate());
-    let action_digest = jcs_digest(&json!({"action": action, "params": params}));
-    let approval_id = format!("apr_{}", hex::encode(random_bytes::<12>()));
-    let challenge = b64(&random_bytes::<32>());
+    let (pending, request) = new_pending(state, action, params, &summary, None, LOCAL_ORIGIN, None);
     let now = state.clock.now_ms();
-    let expires_at = now + (state.config().approvals.timeout_secs as i64) * 1000;
-    let mut request = json!({
-        "approval_id": approval_id,
-        "request_id": null,
-        "origin_device_id": null,
-        "action": action,
-        "params": params,
-        "summary": summary,
-        "action_digest": action_digest,
-        "challenge": challenge,
-        "expires_at": expires_at,
-    });
-    let pending = Arc::new(Pending {
-        approval_id: approval_id.clone(),
-        seq: state.approvals.next_seq.fetch_add(1, Ordering::Relaxed),
-        origin_device_id: LOCAL_ORIGIN.into(),
-        barred_decider: None,
-        action_digest,
-        challenge,
-        expires_at,
-        request: request.clone(),
-        decision: Mutex::new(None),
-        decided: Notify::new(),
-    });
     {
         let g = state.approvals.lock();
         let local = g
@@ -94,76 +66,23 @@ pub async fn request(
     }
     // The per-origin cap (16) also holds LOCAL_ORIGIN under the lock.
     state.approvals.reserve(pending.clone(), now)?;
-    if let Some(m) = request.as_object_mut() {
-        m.remove("challenge");
-    }
-    let (id, req_text) = (approval_id.clone(), request.to_string());
-    let stored = state
-        .db
-        .call(move |c| {
-            c.execute(
-                "INSERT INTO approvals(approval_id, request_json, status, created_at, expires_at) VALUES (?1, ?2, 'pending', ?3, ?4)",
-                rusqlite::params![id, req_text, now, expires_at],
-            )?;
-            Ok(())
-        })
-        .await;
-    if let Err(e) = stored {
-        state.approvals.lock().remove(&approval_id);
-        return Err(ApiError::internal(e.to_string()));
-    }
-    state
-        .audit(
-            None,
-            "approval.requested",
-            Some(pending.action_digest.clone()),
-            "pending",
-            Some(&approval_id),
-        )
-        .await;
+    store_pending(state, &pending, request, None).await?;
+    let approval_id = pending.approval_id.clone();
     tracing::info!(approval = %approval_id, action, "local approval requested");
     state.sessions.broadcast(&pending.request_frame());
     notify::approval_created(state, action, &approval_id, &summary);
     if let Some(tx) = pending_tx {
         let _ = tx.send(PendingNotice {
             approval_id: approval_id.clone(),
-            expires_at_ms: expires_at,
+            expires_at_ms: pending.expires_at,
             summary,
         });
     }
-    let expiry = state.clock.instant_at(expires_at);
-    let decision = tokio::select! {
-        _ = pending.decided.notified() => pending.decision(),
-        _ = tokio::time::sleep_until(expiry) => {
-            pending.decide(Decision::Expired, None);
-            pending.decision()
-        }
-        _ = gone.cancelled() => {
-            tracing::info!(approval = %approval_id, "the requester went away: approval expired");
-            pending.decide(Decision::Expired, None);
-            pending.decision()
-        }
-        _ = state.shutdown.cancelled() => {
-            state.approvals.lock().remove(&approval_id);
-            return Err(ApiError::new(ErrorCode::Unavailable, "the server is shutting down; the approval was not decided and will be expired"));
-        }
-    };
-    let (decision, by) = decision.unwrap_or((Decision::Expired, None));
-    let recorded = finish(state, &pending, decision, by.as_deref()).await;
-    match decision {
-        Decision::Approved => recorded.map(|()| Granted {
-            approval_id,
-            device_id: by,
-        }),
-        Decision::Denied => Err(ApiError::new(
-            ErrorCode::ApprovalDenied,
-            "the approval was denied on the phone",
-        )),
-        Decision::Expired => Err(ApiError::new(
-            ErrorCode::ApprovalExpired,
-            "no approval arrived in time; nothing was released",
-        )),
-    }
+    let device_id = decide_and_finish(state, &pending, Some(&gone), "nothing was released").await?;
+    Ok(Granted {
+        approval_id,
+        device_id,
+    })
 }
 
 /// The server as the vault's [`Host`].

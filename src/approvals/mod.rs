@@ -27,6 +27,7 @@ use jsonrpsee_types::Params;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
 use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 use crate::auth::keys::{APPROVAL_LABEL, ApprovalAlg, b64, random_bytes, signed_string, unb64};
 use crate::auth::webauthn;
@@ -312,75 +313,21 @@ async fn gate(
         let (params, committed) = commit_action_secrets(action, &Value::Object(raw.clone()), &key);
         (params, committed.then(|| key.to_b64()))
     };
-    let action_digest = jcs_digest(&json!({"action": action, "params": params}));
-    let approval_id = format!("apr_{}", hex::encode(random_bytes::<12>()));
-    let challenge = b64(&random_bytes::<32>());
-    let now = state.clock.now_ms();
-    let expires_at = now + (state.config().approvals.timeout_secs as i64) * 1000;
-    let mut request = json!({
-        "approval_id": approval_id,
-        "request_id": &*caller.request_id,
-        "origin_device_id": &*caller.device_id,
-        "action": action,
-        "params": params,
-        "summary": summary,
-        "action_digest": action_digest,
-        "challenge": challenge,
-        "expires_at": expires_at,
-    });
-    let pending = Arc::new(Pending {
-        approval_id: approval_id.clone(),
-        seq: state.approvals.next_seq.fetch_add(1, Ordering::Relaxed),
-        origin_device_id: caller.device_id.to_string(),
+    let (pending, request) = new_pending(
+        state,
+        action,
+        params,
+        summary,
+        Some(&caller.request_id),
+        &caller.device_id,
         barred_decider,
-        action_digest,
-        challenge,
-        expires_at,
-        request: request.clone(),
-        decision: Mutex::new(None),
-        decided: Notify::new(),
-    });
+    );
     // The caps are checked and the slot taken under one lock, before
     // anything is stored or sent.
+    let now = state.clock.now_ms();
     state.approvals.reserve(pending.clone(), now)?;
-    // On disk: what restart-expiry needs, never the challenge (nor K, which
-    // is in no request).
-    if let Some(m) = request.as_object_mut() {
-        m.remove("challenge");
-    }
-    let (id, req_text, origin) = (
-        approval_id.clone(),
-        request.to_string(),
-        caller.device_id.to_string(),
-    );
-    let stored = state
-        .db
-        .call(move |c| {
-            c.execute(
-                "INSERT INTO approvals(approval_id, request_json, status, created_at, expires_at) VALUES (?1, ?2, 'pending', ?3, ?4)",
-                rusqlite::params![id, req_text, now, expires_at],
-            )?;
-            // A device revoked while this request was on its way: the
-            // revocation may have scanned the map before the insert above.
-            Ok(devices::get_device(c, &origin)?.is_none_or(|d| d.revoked))
-        })
-        .await;
-    let origin_revoked = match stored {
-        Ok(revoked) => revoked,
-        Err(e) => {
-            state.approvals.lock().remove(&approval_id);
-            return Err(ApiError::internal(e.to_string()));
-        }
-    };
-    state
-        .audit(
-            Some(&caller.device_id),
-            "approval.requested",
-            Some(pending.action_digest.clone()),
-            "pending",
-            Some(&approval_id),
-        )
-        .await;
+    let origin_revoked = store_pending(state, &pending, request, Some(&caller.device_id)).await?;
+    let approval_id = pending.approval_id.clone();
     tracing::info!(approval = %approval_id, action, device = %caller.device_id, "approval requested");
     if origin_revoked {
         // Never shown: it is expired (and announced so) at once.
@@ -394,38 +341,158 @@ async fn gate(
         .get(&caller.session_id)
         .filter(|_| !origin_revoked)
     {
-        let mut data = json!({"request_id": &*caller.request_id, "approval_id": approval_id, "expires_at": expires_at});
+        let mut data = json!({"request_id": &*caller.request_id, "approval_id": approval_id, "expires_at": pending.expires_at});
         if let Some(k) = commitment_key {
             data["commitment_key"] = Value::String(k);
         }
         origin.push_event(frames::event("approval_pending", data));
     }
+    decide_and_finish(state, &pending, None, "nothing was done")
+        .await
+        .map(|_| approval_id)
+}
 
-    let expiry = state.clock.instant_at(expires_at);
+/// A new pending approval and its `approval_request` object (challenge
+/// included; `store_pending` keeps it off disk). `origin` is the
+/// originating device, or the local origin for requests no session made.
+fn new_pending(
+    state: &AppState,
+    action: &str,
+    params: Value,
+    summary: &str,
+    request_id: Option<&str>,
+    origin: &str,
+    barred_decider: Option<String>,
+) -> (Arc<Pending>, Value) {
+    let action_digest = jcs_digest(&json!({"action": action, "params": params}));
+    let approval_id = format!("apr_{}", hex::encode(random_bytes::<12>()));
+    let challenge = b64(&random_bytes::<32>());
+    let expires_at = state.clock.now_ms() + (state.config().approvals.timeout_secs as i64) * 1000;
+    let shown_origin = (!local::is_local(origin)).then_some(origin);
+    let request = json!({
+        "approval_id": approval_id,
+        "request_id": request_id,
+        "origin_device_id": shown_origin,
+        "action": action,
+        "params": params,
+        "summary": summary,
+        "action_digest": action_digest,
+        "challenge": challenge,
+        "expires_at": expires_at,
+    });
+    let pending = Arc::new(Pending {
+        approval_id,
+        seq: state.approvals.next_seq.fetch_add(1, Ordering::Relaxed),
+        origin_device_id: origin.to_string(),
+        barred_decider,
+        action_digest,
+        challenge,
+        expires_at,
+        request: request.clone(),
+        decision: Mutex::new(None),
+        decided: Notify::new(),
+    });
+    (pending, request)
+}
+
+/// Stores a reserved approval (what restart-expiry needs, never the
+/// challenge, nor K, which is in no request) and audits it. With an origin
+/// device: whether that device was revoked while the request was on its
+/// way (the revocation may have scanned the map before the insert). On a
+/// storage error the reservation is released.
+async fn store_pending(
+    state: &AppState,
+    pending: &Arc<Pending>,
+    mut request: Value,
+    origin_device: Option<&str>,
+) -> Result<bool, ApiError> {
+    if let Some(m) = request.as_object_mut() {
+        m.remove("challenge");
+    }
+    let (id, req_text, now, expires_at) = (
+        pending.approval_id.clone(),
+        request.to_string(),
+        state.clock.now_ms(),
+        pending.expires_at,
+    );
+    let origin = origin_device.map(String::from);
+    let stored = state
+        .db
+        .call(move |c| {
+            c.execute(
+                "INSERT INTO approvals(approval_id, request_json, status, created_at, expires_at) VALUES (?1, ?2, 'pending', ?3, ?4)",
+                rusqlite::params![id, req_text, now, expires_at],
+            )?;
+            Ok(match origin {
+                Some(o) => devices::get_device(c, &o)?.is_none_or(|d| d.revoked),
+                None => false,
+            })
+        })
+        .await;
+    let origin_revoked = match stored {
+        Ok(revoked) => revoked,
+        Err(e) => {
+            state.approvals.lock().remove(&pending.approval_id);
+            return Err(ApiError::internal(e.to_string()));
+        }
+    };
+    state
+        .audit(
+            origin_device,
+            "approval.requested",
+            Some(pending.action_digest.clone()),
+            "pending",
+            Some(&pending.approval_id),
+        )
+        .await;
+    Ok(origin_revoked)
+}
+
+/// Waits for the decision (or expiry, or `gone`: the requester went away),
+/// records and announces it. Ok(deciding device) once approved and the
+/// approval record is on disk; `nothing_done` ends the expiry message.
+async fn decide_and_finish(
+    state: &AppState,
+    pending: &Arc<Pending>,
+    gone: Option<&CancellationToken>,
+    nothing_done: &str,
+) -> Result<Option<String>, ApiError> {
+    let expiry = state.clock.instant_at(pending.expires_at);
+    let requester_gone = async {
+        match gone {
+            Some(g) => g.cancelled().await,
+            None => std::future::pending().await,
+        }
+    };
     let decision = tokio::select! {
         _ = pending.decided.notified() => pending.decision(),
         _ = tokio::time::sleep_until(expiry) => {
             pending.decide(Decision::Expired, None);
             pending.decision()
         }
+        _ = requester_gone => {
+            tracing::info!(approval = %pending.approval_id, "the requester went away: approval expired");
+            pending.decide(Decision::Expired, None);
+            pending.decision()
+        }
         _ = state.shutdown.cancelled() => {
-            state.approvals.lock().remove(&approval_id);
+            state.approvals.lock().remove(&pending.approval_id);
             return Err(ApiError::new(ErrorCode::Unavailable, "the server is shutting down; the approval was not decided and will be expired"));
         }
     };
     let (decision, by) = decision.unwrap_or((Decision::Expired, None));
-    let recorded = finish(state, &pending, decision, by.as_deref()).await;
+    let recorded = finish(state, pending, decision, by.as_deref()).await;
     match decision {
         // The record that lets the action run must be on disk first: with
         // the audit log failing, an approved action does not run.
-        Decision::Approved => recorded.map(|()| approval_id),
+        Decision::Approved => recorded.map(|()| by),
         Decision::Denied => Err(ApiError::new(
             ErrorCode::ApprovalDenied,
             "the approval was denied on the phone",
         )),
         Decision::Expired => Err(ApiError::new(
             ErrorCode::ApprovalExpired,
-            "no approval arrived in time; nothing was done",
+            format!("no approval arrived in time; {nothing_done}"),
         )),
     }
 }
