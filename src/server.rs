@@ -55,7 +55,7 @@ pub enum StartError {
         source: std::io::Error,
     },
     #[error("TLS setup failed: {0}")]
-    Tls(String),
+    Tls(#[from] crate::tls::TlsError),
     #[error(transparent)]
     Socket(#[from] crate::secrets::socket::SocketError),
 }

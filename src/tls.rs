@@ -10,20 +10,24 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls;
 
 use crate::config::Config;
-use crate::server::StartError;
 use crate::state::DataDir;
 
-fn read(p: &PathBuf) -> Result<Vec<u8>, StartError> {
-    std::fs::read(p).map_err(|e| StartError::Tls(format!("cannot read {}: {e}", p.display())))
+/// A TLS file that cannot be used; the message names the file.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct TlsError(String);
+
+fn read(p: &PathBuf) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(p).map_err(|e| TlsError(format!("cannot read {}: {e}", p.display())))
 }
 
-fn cert_chain(path: &PathBuf) -> Result<Vec<CertificateDer<'static>>, StartError> {
+fn cert_chain(path: &PathBuf) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let pem = read(path)?;
     let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| StartError::Tls(format!("{}: {e}", path.display())))?;
+        .map_err(|e| TlsError(format!("{}: {e}", path.display())))?;
     if certs.is_empty() {
-        return Err(StartError::Tls(format!(
+        return Err(TlsError(format!(
             "{}: no certificate found",
             path.display()
         )));
@@ -32,21 +36,21 @@ fn cert_chain(path: &PathBuf) -> Result<Vec<CertificateDer<'static>>, StartError
 }
 
 /// The acceptor, or None when TLS is not configured.
-pub fn acceptor(dir: &DataDir, config: &Config) -> Result<Option<TlsAcceptor>, StartError> {
+pub fn acceptor(dir: &DataDir, config: &Config) -> Result<Option<TlsAcceptor>, TlsError> {
     let (Some(cert), Some(key)) = (&config.server.tls_cert, &config.server.tls_key) else {
         return Ok(None);
     };
     let (cert, key) = (dir.resolve(cert), dir.resolve(key));
     let certs = cert_chain(&cert)?;
     let key = PrivateKeyDer::from_pem_slice(&read(&key)?)
-        .map_err(|e| StartError::Tls(format!("{}: no usable private key: {e}", key.display())))?;
+        .map_err(|e| TlsError(format!("{}: no usable private key: {e}", key.display())))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| StartError::Tls(e.to_string()))?
+        .map_err(|e| TlsError(e.to_string()))?
         .with_no_client_auth()
         .with_single_cert(certs, key)
-        .map_err(|e| StartError::Tls(e.to_string()))?;
+        .map_err(|e| TlsError(e.to_string()))?;
     Ok(Some(TlsAcceptor::from(Arc::new(cfg))))
 }
 
@@ -54,14 +58,14 @@ pub fn acceptor(dir: &DataDir, config: &Config) -> Result<Option<TlsAcceptor>, S
 /// (the first certificate of `server.tls_cert`), or None without TLS. A
 /// phone pins it at pairing: it survives certificate renewal with the same
 /// key, and fails closed when the key changes.
-pub fn spki_sha256(dir: &DataDir, config: &Config) -> Result<Option<String>, StartError> {
+pub fn spki_sha256(dir: &DataDir, config: &Config) -> Result<Option<String>, TlsError> {
     let (Some(cert), Some(_)) = (&config.server.tls_cert, &config.server.tls_key) else {
         return Ok(None);
     };
     let path = dir.resolve(cert);
     let chain = cert_chain(&path)?;
     let (_, parsed) = x509_parser::parse_x509_certificate(chain[0].as_ref())
-        .map_err(|e| StartError::Tls(format!("{}: {e}", path.display())))?;
+        .map_err(|e| TlsError(format!("{}: {e}", path.display())))?;
     Ok(Some(crate::auth::keys::sha256_hex(
         parsed.tbs_certificate.subject_pki.raw,
     )))
