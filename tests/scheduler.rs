@@ -186,19 +186,21 @@ async fn trigger_records_success_and_failure_with_the_error() {
     assert_eq!(keys.len(), 5, "{keys:?}");
 }
 
-#[tokio::test(start_paused = true)]
+// A real clock (1 s): a paused one auto-advanced the test's own wait for
+// the event past its timeout while the server recorded the run.
+#[tokio::test]
 async fn a_hanging_command_is_killed_at_its_timeout() {
     let cfg = task(
         "hang",
         "0 0 1 1 *",
-        "handler = \"command\"\ncommand = [\"/bin/sleep\", \"1000\"]\ntimeout_secs = 5",
+        "handler = \"command\"\ncommand = [\"/bin/sleep\", \"1000\"]\ntimeout_secs = 1",
     );
     let s = TestServer::start_with_config(&cfg).await;
     let (c, _) = s.phone("p").await;
     let r = trigger_and_wait(&c, "hang").await;
     assert_eq!(r["success"], false);
     assert!(
-        r["error"].as_str().unwrap().contains("timed out after 5 s"),
+        r["error"].as_str().unwrap().contains("timed out after 1 s"),
         "{r}"
     );
 }

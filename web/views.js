@@ -158,9 +158,16 @@ export async function scheduler(ctx, root) {
   const r = await run(ctx, "list_scheduled_tasks", {});
   const tasks = r ? r.tasks : [];
   const history = h("section", { id: "task-history", "aria-live": "polite" });
+  // The task whose history is shown, set at once (before its fetch
+  // returns), and a counter so that only the latest fetch is drawn: a run
+  // that finishes while the first fetch is on its way still shows.
+  let shown = null;
+  let latest = 0;
   const showHistory = async (name) => {
+    shown = name;
+    const mine = ++latest;
     const x = await run(ctx, "list_task_executions", { task_name: name, limit: 20 });
-    if (!x) return;
+    if (!x || mine !== latest) return;
     fill(history, h("h3", {}, `History of ${name}`),
       table(["Started", "Finished", "Result"], x.executions.map((e) =>
         h("tr", {}, h("td", {}, when(e.started_at)), h("td", {}, when(e.completed_at)),
@@ -181,7 +188,7 @@ export async function scheduler(ctx, root) {
   ctx.onEvent = (ev) => {
     if (ev.event === "task_started" || ev.event === "task_finished") {
       const name = ev.data && (ev.data.task_name || ev.data.name);
-      if (name && history.querySelector("h3")?.textContent === `History of ${name}`) showHistory(name);
+      if (name && name === shown) showHistory(name);
     }
   };
 }
