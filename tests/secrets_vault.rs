@@ -96,8 +96,18 @@ async fn a_wrong_or_missing_vault_key_is_a_clear_error_and_nothing_is_overwritte
         stderr(&out)
     );
     assert!(stderr(&out).contains("unavailable"));
+    let asked_at = std::time::Instant::now();
     let out = cli(s.path(), &["set", "OTHER"], b"x").await;
-    assert_ne!(code(&out), 0, "no secret is written under a wrong key");
+    assert_eq!(code(&out), 1, "no secret is written under a wrong key");
+    assert!(
+        stderr(&out).contains("not the key these secrets were encrypted with"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        asked_at.elapsed() < std::time::Duration::from_secs(30),
+        "refused at once, not after an approval timed out"
+    );
     let pending = phone.request("list_approvals", json!({})).await.unwrap();
     assert_eq!(pending["approvals"], json!([]));
     assert_eq!(

@@ -41,6 +41,8 @@ pub async fn prepare_set(
     if let Some(d) = &p.description {
         check_description(d)?;
     }
+    // Refused before the phone is asked when the value could not be sealed.
+    state.secrets.check_key().await?;
     let verb = if state.secrets.exists(&p.name).await? {
         "Replace"
     } else {

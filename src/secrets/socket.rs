@@ -276,6 +276,9 @@ async fn handle(
             if let Some(d) = &description {
                 super::check_description(d)?;
             }
+            // A value cannot be sealed under a wrong or missing key: say so
+            // before anyone is asked.
+            secrets.check_key().await?;
             let approval = if host.paired_devices().await? > 0 {
                 let replacing = secrets.exists(&name).await?;
                 let mut params = json!({"name": name, "value": value.expose()});
