@@ -281,7 +281,8 @@ async fn answer(c: &Client, id: &Identity, a: &Approval, policy: Approve) -> Res
         }
     };
     c.answer_approval(id, &a.frame, decision).await?;
-    eprintln!("{decision}d: {summary}");
+    // Not eprintln!: a closed stderr must not stop a phone that answers.
+    let _ = writeln!(std::io::stderr(), "{decision}d: {summary}");
     Ok(())
 }
 

@@ -97,13 +97,16 @@ async fn pair_admin_and_watch_with_approvals() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // Read the first line, then keep draining: a closed stderr would make
+    // the watcher's next line fail (and it would die before it answers).
     let stderr = w.stderr.take().unwrap();
-    let ready = tokio::task::spawn_blocking(move || {
+    let (first_tx, first_rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
         let mut lines = BufReader::new(stderr).lines();
-        lines.next().unwrap().unwrap()
-    })
-    .await
-    .unwrap();
+        let _ = first_tx.send(lines.next().unwrap().unwrap());
+        for _ in lines {}
+    });
+    let ready = first_rx.await.unwrap();
     assert!(ready.starts_with("connected as"), "{ready}");
     let mut c = sim(&phone);
     c.args([
