@@ -757,6 +757,16 @@ async fn the_page_approves_a_config_change_sent_by_mobile_sim() {
     let phone = Arc::new(phone);
     let pending = request_config_change(&phone, 77);
     let approval = card_for(&p, "update_config").await;
+    // A device paired after the page loaded: the page learns its name with
+    // one more `list_devices` and fills it in.
+    p.wait_for(
+        "the requesting device's name on the card",
+        &format!(
+            "document.querySelector('article[data-approval=\"{approval}\"] .requester').innerText.includes('Pixel 9')"
+        ),
+        30,
+    )
+    .await;
     let card = p
         .eval(&format!(
             "document.querySelector('article[data-approval=\"{approval}\"]').innerText"
