@@ -6,7 +6,7 @@
 //! budget off.
 //!
 //! A device's own flood never starves what matters most: gated actions
-//! ([`GATED_ACTIONS`], which wait for a biometric approval and are bounded
+//! (gated ones, `Registry::is_gated`, which wait for a biometric approval and are bounded
 //! by the approval limits too) draw from a second bucket of the same size,
 //! and `approval_response` frames are not admin requests (never counted).
 //!
@@ -34,7 +34,6 @@ use crate::protocol::{ApiError, ErrorCode};
 /// Actions that wait for a biometric approval (registered with
 /// `register_gated` in `handlers/mod.rs`); they have a bucket of their own.
 /// `tests/device_budget.rs` checks that each of them asks for approval.
-pub const GATED_ACTIONS: &[&str] = &["delete_memory", "revoke_device", "update_config"];
 
 /// The audit record's action for the refusals of one device in a minute.
 pub const RATE_LIMITED_ACTION: &str = "budget.rate_limited";
@@ -105,9 +104,10 @@ impl DeviceBudget {
         self.devices.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Counts one admin request of `device` for `action`: Ok to run it, or
-    /// the `rate_limited` error (with `retry_after_ms`) to answer instead.
-    pub fn admit(&self, device: &Arc<str>, action: &str) -> Result<(), ApiError> {
+    /// Counts one admin request of `device` (`gated`: the action waits for
+    /// a biometric approval, `Registry::is_gated`): Ok to run it, or the
+    /// `rate_limited` error (with `retry_after_ms`) to answer instead.
+    pub fn admit(&self, device: &Arc<str>, gated: bool) -> Result<(), ApiError> {
         if !self.enabled() {
             return Ok(());
         }
@@ -119,11 +119,7 @@ impl DeviceBudget {
             gated: Bucket::full(burst, now),
             refused: 0,
         });
-        let bucket = if GATED_ACTIONS.contains(&action) {
-            &mut d.gated
-        } else {
-            &mut d.general
-        };
+        let bucket = if gated { &mut d.gated } else { &mut d.general };
         match bucket.take(now, rate, burst) {
             Ok(()) => Ok(()),
             Err(wait) => {
@@ -181,23 +177,23 @@ mod tests {
         let b = DeviceBudget::new(10, 20);
         let (a, other): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
         for _ in 0..20 {
-            b.admit(&a, "get_dashboard").unwrap();
+            b.admit(&a, false).unwrap();
         }
-        let e = b.admit(&a, "get_dashboard").unwrap_err();
+        let e = b.admit(&a, false).unwrap_err();
         assert_eq!(e.code, ErrorCode::RateLimited);
         assert_eq!(e.retry_after_ms, Some(100), "one token every 100 ms");
         // Another device and the gated bucket are untouched.
-        b.admit(&other, "get_dashboard").unwrap();
-        b.admit(&a, "delete_memory").unwrap();
+        b.admit(&other, false).unwrap();
+        b.admit(&a, true).unwrap();
         tokio::time::advance(Duration::from_millis(100)).await;
-        b.admit(&a, "get_dashboard").unwrap();
-        assert!(b.admit(&a, "get_dashboard").is_err());
+        b.admit(&a, false).unwrap();
+        assert!(b.admit(&a, false).is_err());
         // A long pause refills to the burst, never beyond.
         tokio::time::advance(Duration::from_secs(3600)).await;
         for _ in 0..20 {
-            b.admit(&a, "get_dashboard").unwrap();
+            b.admit(&a, false).unwrap();
         }
-        assert!(b.admit(&a, "get_dashboard").is_err());
+        assert!(b.admit(&a, false).is_err());
         assert_eq!(b.take_refusals(), vec![(a.clone(), 3)]);
         assert_eq!(b.take_refusals(), vec![]);
         tokio::time::advance(Duration::from_secs(10)).await;
@@ -210,7 +206,7 @@ mod tests {
         let b = DeviceBudget::new(1, 0);
         let a: Arc<str> = "a".into();
         for _ in 0..10_000 {
-            b.admit(&a, "get_dashboard").unwrap();
+            b.admit(&a, false).unwrap();
         }
         assert_eq!(b.tracked(), 0);
     }

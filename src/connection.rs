@@ -730,7 +730,11 @@ impl Session {
             (true, Err(e)) => frames::jsonrpc_error(id, &e),
         };
         // The device's request budget (SPEC §7 v1.1, `budget.rs`).
-        if let Err(e) = self.state.budget.admit(&self.handle.device_id, &action) {
+        if let Err(e) = self
+            .state
+            .budget
+            .admit(&self.handle.device_id, self.registry.is_gated(&action))
+        {
             return self.send(respond(Err(e), &key, &id)).await;
         }
         if let Err(code) = self.inflight.try_insert(jsonrpc, &key, self.max_in_flight) {

@@ -152,6 +152,8 @@ pub type ParamsCheck = fn(Option<&str>) -> Result<(), ApiError>;
 pub struct Actions {
     pub(crate) module: RpcModule<AppState>,
     pub(crate) checks: HashMap<&'static str, ParamsCheck>,
+    /// Actions that wait for a biometric approval (`register_gated`).
+    pub(crate) gated: std::collections::HashSet<&'static str>,
 }
 
 impl Actions {
@@ -159,6 +161,7 @@ impl Actions {
         Actions {
             module: RpcModule::from_arc(state),
             checks: HashMap::new(),
+            gated: Default::default(),
         }
     }
     pub(crate) fn add_check<P: DeserializeOwned>(&mut self, name: &'static str) {
@@ -199,6 +202,7 @@ where
 pub struct Registry {
     methods: Methods,
     checks: Arc<HashMap<&'static str, ParamsCheck>>,
+    gated: Arc<std::collections::HashSet<&'static str>>,
 }
 
 #[derive(Deserialize)]
@@ -213,7 +217,21 @@ impl Registry {
         Registry {
             methods: actions.module.into(),
             checks: Arc::new(actions.checks),
+            gated: Arc::new(actions.gated),
         }
+    }
+
+    /// Whether `action` waits for a biometric approval: the one list, kept
+    /// by `register_gated` itself.
+    pub fn is_gated(&self, action: &str) -> bool {
+        self.gated.contains(action)
+    }
+
+    /// Every gated action name, sorted.
+    pub fn gated_names(&self) -> Vec<&'static str> {
+        let mut v: Vec<_> = self.gated.iter().copied().collect();
+        v.sort_unstable();
+        v
     }
 
     /// Parses `raw` params as `action`'s params type, without running it.

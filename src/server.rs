@@ -77,6 +77,8 @@ pub struct ServerHandle {
     pub state: Arc<AppState>,
     /// Every registered action name, sorted.
     pub actions: Vec<&'static str>,
+    /// The gated ones (they wait for a biometric approval), sorted.
+    pub gated: Vec<&'static str>,
     accept: tokio::task::JoinHandle<()>,
 }
 
@@ -212,6 +214,7 @@ pub async fn start(opts: Options) -> Result<ServerHandle, StartError> {
 
     let registry = crate::handlers::registry(state.clone());
     let actions = registry.action_names();
+    let gated = registry.gated_names();
     state.tasks.spawn(watch_revocations(state.clone()));
     state.tasks.spawn(report_failures(state.clone()));
     state
@@ -232,6 +235,7 @@ pub async fn start(opts: Options) -> Result<ServerHandle, StartError> {
         url,
         state,
         actions,
+        gated,
         accept,
     })
 }

@@ -152,6 +152,7 @@ pub fn register_gated_for_caller<P, Prep, PrepFut, Run, RunFut>(
 {
     use crate::rpc::{Caller, parse_params};
     actions.add_check::<P>(name);
+    actions.gated.insert(name);
     actions
         .module
         .register_async_method(

@@ -259,6 +259,7 @@ pub fn register_gated<P, G, Prep, PrepFut, Run, RunFut>(
     RunFut: Future<Output = ActionResult> + Send + 'static,
 {
     actions.add_check::<P>(name);
+    actions.gated.insert(name);
     actions
         .module
         .register_async_method(
