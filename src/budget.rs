@@ -31,10 +31,6 @@ use tokio::time::Instant;
 
 use crate::protocol::{ApiError, ErrorCode};
 
-/// Actions that wait for a biometric approval (registered with
-/// `register_gated` in `handlers/mod.rs`); they have a bucket of their own.
-/// `tests/device_budget.rs` checks that each of them asks for approval.
-
 /// The audit record's action for the refusals of one device in a minute.
 pub const RATE_LIMITED_ACTION: &str = "budget.rate_limited";
 

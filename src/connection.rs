@@ -365,7 +365,8 @@ async fn upgrade(
         );
         io.write_all(resp.as_bytes()).await?;
         let _ = io.shutdown().await;
-        tracing::debug!(origin = %String::from_utf8_lossy(origin), "upgrade from a foreign origin refused");
+        // Debug-formatted: the header is the peer's text, escaped in the log.
+        tracing::debug!(origin = ?String::from_utf8_lossy(origin), "upgrade from a foreign origin refused");
         return Err(std::io::ErrorKind::PermissionDenied.into());
     }
     let is_upgrade = header("upgrade").is_some_and(|v| v.eq_ignore_ascii_case(b"websocket"));

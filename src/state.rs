@@ -200,16 +200,9 @@ impl AppState {
         outcome: &str,
         approval_id: Option<&str>,
     ) -> Result<(), ApiError> {
+        let entry = self.entry(device_id, action, params_digest, outcome, approval_id);
         self.audit
-            .record_durable(AuditEntry {
-                ts_ms: self.clock.now_ms(),
-                device_id: device_id.map(String::from),
-                action: action.to_string(),
-                params_digest,
-                outcome: outcome.to_string(),
-                approval_id: approval_id.map(String::from),
-                ..Default::default()
-            })
+            .record_durable(entry)
             .await
             .map_err(|_| audit_unavailable())
     }
@@ -223,17 +216,28 @@ impl AppState {
         outcome: &str,
         approval_id: Option<&str>,
     ) {
-        self.audit
-            .record(AuditEntry {
-                ts_ms: self.clock.now_ms(),
-                device_id: device_id.map(String::from),
-                action: action.to_string(),
-                params_digest,
-                outcome: outcome.to_string(),
-                approval_id: approval_id.map(String::from),
-                ..Default::default()
-            })
-            .await;
+        let entry = self.entry(device_id, action, params_digest, outcome, approval_id);
+        self.audit.record(entry).await;
+    }
+
+    /// An audit record stamped now.
+    fn entry(
+        &self,
+        device_id: Option<&str>,
+        action: &str,
+        params_digest: Option<String>,
+        outcome: &str,
+        approval_id: Option<&str>,
+    ) -> AuditEntry {
+        AuditEntry {
+            ts_ms: self.clock.now_ms(),
+            device_id: device_id.map(String::from),
+            action: action.to_string(),
+            params_digest,
+            outcome: outcome.to_string(),
+            approval_id: approval_id.map(String::from),
+            ..Default::default()
+        }
     }
 }
 
