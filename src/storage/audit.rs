@@ -34,7 +34,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use rusqlite::{OptionalExtension, params};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use super::{Db, StorageError};
 use crate::clock::rfc3339_ms;
@@ -1020,71 +1020,239 @@ impl Writer {
     }
 }
 
+/// How long the writer gathers plain records after the first one before
+/// it appends and syncs them as one batch (group commit). Anything that
+/// waits for the disk (`check_writable`, `record_durable`, `flush`, a
+/// directory change, `close`) ends the wait at once, so the delay only
+/// bounds how long a plain record may sit in memory: at most this long
+/// plus one write.
+pub const GROUP_COMMIT_DELAY: std::time::Duration = std::time::Duration::from_millis(4);
+/// Messages that may be queued before producers wait (backpressure).
+const QUEUE_CAPACITY: usize = 4096;
+/// A batch this large is written without waiting for the delay to pass.
+const MAX_BATCH: usize = 1024;
+
+/// The queue between the request path and the writer thread. A producer
+/// wakes the writer only when it sleeps with nothing to do, or for a
+/// message that someone waits on ([`Msg::urgent`]); while the writer
+/// gathers a batch, plain records are queued without a wake-up. This is
+/// what keeps a busy server from waking (and syncing) once per request.
+struct Queue {
+    inner: std::sync::Mutex<QueueInner>,
+    wake: std::sync::Condvar,
+    /// One permit per message that may still be queued.
+    space: tokio::sync::Semaphore,
+}
+
+#[derive(Default)]
+struct QueueInner {
+    msgs: VecDeque<Msg>,
+    /// The writer sleeps until any message arrives.
+    idle: bool,
+    /// The writer has stopped: nothing more is accepted.
+    closed: bool,
+}
+
+impl Queue {
+    fn new() -> Queue {
+        Queue {
+            inner: std::sync::Mutex::new(QueueInner::default()),
+            wake: std::sync::Condvar::new(),
+            space: tokio::sync::Semaphore::new(QUEUE_CAPACITY),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues `msg`, waiting for room; Err(msg) once the writer stopped.
+    async fn send(&self, msg: Msg) -> Result<(), Msg> {
+        match self.space.acquire().await {
+            Ok(permit) => permit.forget(),
+            Err(_) => return Err(msg),
+        }
+        self.push(msg)
+    }
+
+    /// Queues `msg` without waiting for room (for `close`, which must not
+    /// wait behind a full queue the writer is about to drain).
+    fn push(&self, msg: Msg) -> Result<(), Msg> {
+        let mut q = self.lock();
+        if q.closed {
+            return Err(msg);
+        }
+        let wake = q.idle || msg.urgent();
+        q.msgs.push_back(msg);
+        if wake {
+            q.idle = false;
+            self.wake.notify_one();
+        }
+        Ok(())
+    }
+
+    /// The writer's side: everything queued, waiting until there is some,
+    /// or None once `deadline` passes with nothing queued. Without a
+    /// deadline the writer sleeps as idle (the next message wakes it).
+    fn take(&self, deadline: Option<std::time::Instant>) -> Option<VecDeque<Msg>> {
+        let mut q = self.lock();
+        loop {
+            if !q.msgs.is_empty() {
+                q.idle = false;
+                let msgs = std::mem::take(&mut q.msgs);
+                drop(q);
+                let counted = msgs.iter().filter(|m| !matches!(m, Msg::Close)).count();
+                self.space.add_permits(counted);
+                return Some(msgs);
+            }
+            match deadline {
+                None => {
+                    q.idle = true;
+                    q = self.wake.wait(q).unwrap_or_else(|p| p.into_inner());
+                }
+                Some(d) => {
+                    let now = std::time::Instant::now();
+                    if now >= d {
+                        return None;
+                    }
+                    q = self
+                        .wake
+                        .wait_timeout(q, d - now)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
+            }
+        }
+    }
+
+    /// Refuses every later message (the writer has stopped) and drops
+    /// what is still queued, so that whoever waits on one of those
+    /// messages hears `unavailable` instead of waiting for ever.
+    fn close(&self) {
+        let left = {
+            let mut q = self.lock();
+            q.closed = true;
+            std::mem::take(&mut q.msgs)
+        };
+        self.space.close();
+        drop(left);
+    }
+}
+
+impl Msg {
+    /// Whether someone waits on this message (or it must not be delayed):
+    /// it wakes a gathering writer and ends the batch's delay.
+    fn urgent(&self) -> bool {
+        !matches!(self, Msg::Entry(_) | Msg::SetRetention(_))
+    }
+}
+
 /// The server's audit writer: a dedicated thread fed by a bounded queue,
-/// writing batches (one fsync per batch).
+/// writing batches (one fsync per batch, group commit: see
+/// [`GROUP_COMMIT_DELAY`]).
 pub struct AuditLog {
-    tx: mpsc::Sender<Msg>,
+    queue: Arc<Queue>,
     health: Arc<AuditHealth>,
     thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
+impl Writer {
+    /// Handles one message. Returns false once the writer must stop.
+    fn handle(&mut self, msg: Msg) -> bool {
+        match msg {
+            Msg::Entry(e) => self.batch.push(e),
+            Msg::SetDir(d) => {
+                self.write(None);
+                let r = self.w.retention;
+                self.w = ChainWriter::new(d, self.w.db.clone()).with_retention(r);
+            }
+            Msg::SetRetention(r) => self.w.set_retention(r),
+            Msg::Maintain { now_ms } => {
+                self.write(None);
+                if !self.health.is_failing()
+                    && let Err(e) = self.w.maintain(now_ms)
+                {
+                    tracing::warn!(error = %e, "audit retention check failed");
+                }
+            }
+            Msg::Flush(ack) => {
+                self.write(None);
+                let _ = ack.send(());
+            }
+            Msg::Check { ts_ms, ack } => {
+                let _ = ack.send(self.check(ts_ms));
+            }
+            Msg::Durable { entry, ack } => {
+                self.batch.push(entry);
+                let _ = ack.send(self.write(None));
+            }
+            Msg::Close => {
+                self.write(None);
+                return false;
+            }
+        }
+        true
+    }
+
+    /// The writer thread: sleeps until a message comes, then gathers plain
+    /// records for up to [`GROUP_COMMIT_DELAY`] (or [`MAX_BATCH`] of
+    /// them) and writes them as one batch. Messages someone waits on are
+    /// handled (and write what is queued) at once.
+    fn run(mut self, queue: Arc<Queue>) {
+        /// Closes the queue however the thread ends (a panic included).
+        struct Closer(Arc<Queue>);
+        impl Drop for Closer {
+            fn drop(&mut self) {
+                self.0.close();
+            }
+        }
+        let _closer = Closer(queue.clone());
+        loop {
+            let mut msgs = queue.take(None).expect("no deadline");
+            let mut deadline = None;
+            loop {
+                for msg in msgs.drain(..) {
+                    if !self.handle(msg) {
+                        return;
+                    }
+                }
+                if self.batch.is_empty() {
+                    break;
+                }
+                if self.batch.len() >= MAX_BATCH {
+                    self.write(None);
+                    break;
+                }
+                let d =
+                    *deadline.get_or_insert_with(|| std::time::Instant::now() + GROUP_COMMIT_DELAY);
+                match queue.take(Some(d)) {
+                    Some(more) => msgs = more,
+                    None => {
+                        self.write(None);
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
 impl AuditLog {
     pub fn start(dir: PathBuf, db: Db, retention: Retention) -> AuditLog {
-        let (tx, mut rx) = mpsc::channel::<Msg>(4096);
+        let queue = Arc::new(Queue::new());
         let health = Arc::new(AuditHealth::default());
-        let mut st = Writer {
+        let writer = Writer {
             w: ChainWriter::new(dir, db).with_retention(retention),
             batch: Vec::new(),
             health: health.clone(),
         };
+        let q = queue.clone();
         let thread = std::thread::Builder::new()
             .name("audit-writer".into())
-            .spawn(move || {
-                while let Some(first) = rx.blocking_recv() {
-                    let mut next = Some(first);
-                    while let Some(msg) = next.take() {
-                        match msg {
-                            Msg::Entry(e) => st.batch.push(e),
-                            Msg::SetDir(d) => {
-                                st.write(None);
-                                let r = st.w.retention;
-                                st.w = ChainWriter::new(d, st.w.db.clone()).with_retention(r);
-                            }
-                            Msg::SetRetention(r) => st.w.set_retention(r),
-                            Msg::Maintain { now_ms } => {
-                                st.write(None);
-                                if !st.health.is_failing()
-                                    && let Err(e) = st.w.maintain(now_ms)
-                                {
-                                    tracing::warn!(error = %e, "audit retention check failed");
-                                }
-                            }
-                            Msg::Flush(ack) => {
-                                st.write(None);
-                                let _ = ack.send(());
-                            }
-                            Msg::Check { ts_ms, ack } => {
-                                let _ = ack.send(st.check(ts_ms));
-                            }
-                            Msg::Durable { entry, ack } => {
-                                st.batch.push(entry);
-                                let _ = ack.send(st.write(None));
-                            }
-                            Msg::Close => {
-                                st.write(None);
-                                return;
-                            }
-                        }
-                        if st.batch.len() < 1024 {
-                            next = rx.try_recv().ok();
-                        }
-                    }
-                    st.write(None);
-                }
-            })
+            .spawn(move || writer.run(q))
             .expect("spawn audit writer thread");
         AuditLog {
-            tx,
+            queue,
             health,
             thread: std::sync::Mutex::new(Some(thread)),
         }
@@ -1094,7 +1262,7 @@ impl AuditLog {
     /// that do not hold the whole server state.
     pub fn sender(&self) -> AuditSender {
         AuditSender {
-            tx: self.tx.clone(),
+            queue: self.queue.clone(),
         }
     }
 
@@ -1105,8 +1273,10 @@ impl AuditLog {
 
     /// Queues a record; waits only if the queue is full. While the log
     /// cannot be written the record is dropped and counted (`audit.lost`).
+    /// It reaches the disk within [`GROUP_COMMIT_DELAY`] (plus one write),
+    /// or sooner when something waits for the disk.
     pub async fn record(&self, entry: AuditEntry) {
-        let _ = self.tx.send(Msg::Entry(entry)).await;
+        let _ = self.queue.send(Msg::Entry(entry)).await;
     }
 
     /// Writes everything queued so far and answers whether the log can be
@@ -1115,7 +1285,7 @@ impl AuditLog {
     /// record (stamped `now_ms`) first.
     pub async fn check_writable(&self, now_ms: i64) -> Result<(), AuditUnavailable> {
         let (ack, done) = oneshot::channel();
-        self.tx
+        self.queue
             .send(Msg::Check { ts_ms: now_ms, ack })
             .await
             .map_err(|_| AuditUnavailable)?;
@@ -1130,7 +1300,7 @@ impl AuditLog {
     /// exist before an action runs (e.g. an approval's decision).
     pub async fn record_durable(&self, entry: AuditEntry) -> Result<(), AuditUnavailable> {
         let (ack, done) = oneshot::channel();
-        self.tx
+        self.queue
             .send(Msg::Durable { entry, ack })
             .await
             .map_err(|_| AuditUnavailable)?;
@@ -1142,25 +1312,25 @@ impl AuditLog {
 
     /// Applies new rotation and retention settings from the next append on.
     pub async fn set_retention(&self, retention: Retention) {
-        let _ = self.tx.send(Msg::SetRetention(retention)).await;
+        let _ = self.queue.send(Msg::SetRetention(retention)).await;
     }
 
     /// Prunes what retention says at `now_ms` even if nothing is written
     /// (called periodically by the server).
     pub async fn maintain(&self, now_ms: i64) {
-        let _ = self.tx.send(Msg::Maintain { now_ms }).await;
+        let _ = self.queue.send(Msg::Maintain { now_ms }).await;
     }
 
     /// Switches to a new directory: a new chain starts there (SPEC §8a).
     pub async fn set_dir(&self, dir: PathBuf) {
-        let _ = self.tx.send(Msg::SetDir(dir)).await;
+        let _ = self.queue.send(Msg::SetDir(dir)).await;
     }
 
     /// Waits until everything queued before this call is on disk (or was
     /// found unwritable and counted as lost).
     pub async fn flush(&self) {
         let (ack, done) = std::sync::mpsc::sync_channel(1);
-        if self.tx.send(Msg::Flush(ack)).await.is_ok() {
+        if self.queue.send(Msg::Flush(ack)).await.is_ok() {
             let _ = tokio::task::spawn_blocking(move || done.recv()).await;
         }
     }
@@ -1170,7 +1340,7 @@ impl AuditLog {
     pub fn close(&self) {
         let handle = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(h) = handle {
-            let _ = self.tx.blocking_send(Msg::Close);
+            let _ = self.queue.push(Msg::Close);
             let _ = h.join();
         }
     }
@@ -1179,7 +1349,7 @@ impl AuditLog {
     pub async fn close_async(&self) {
         let handle = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(h) = handle {
-            let _ = self.tx.send(Msg::Close).await;
+            let _ = self.queue.push(Msg::Close);
             let _ = tokio::task::spawn_blocking(move || h.join()).await;
         }
     }
@@ -1188,18 +1358,18 @@ impl AuditLog {
 /// See [`AuditLog::sender`].
 #[derive(Clone)]
 pub struct AuditSender {
-    tx: mpsc::Sender<Msg>,
+    queue: Arc<Queue>,
 }
 
 impl AuditSender {
     /// As [`AuditLog::record`].
     pub async fn record(&self, entry: AuditEntry) {
-        let _ = self.tx.send(Msg::Entry(entry)).await;
+        let _ = self.queue.send(Msg::Entry(entry)).await;
     }
 
     /// As [`AuditLog::maintain`].
     pub async fn maintain(&self, now_ms: i64) {
-        let _ = self.tx.send(Msg::Maintain { now_ms }).await;
+        let _ = self.queue.send(Msg::Maintain { now_ms }).await;
     }
 }
 
