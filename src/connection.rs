@@ -11,11 +11,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures_util::stream::FuturesUnordered;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Map, Value};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::Notify;
 use tokio::time::{Instant, sleep, timeout};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -31,6 +31,7 @@ use crate::protocol::{ApiError, ErrorCode, close};
 use crate::rpc::{Caller, Registry};
 use crate::sessions::{Outbound, Outbox, OutboxReceiver, SessionHandle};
 use crate::state::AppState;
+use tokio_util::sync::CancellationToken;
 
 /// Any byte stream a connection can run on (TCP or TLS over TCP).
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -47,6 +48,9 @@ const DRAIN_ON_SHUTDOWN: Duration = Duration::from_secs(10);
 /// Per-connection socket buffers (see `upgrade`).
 const READ_BUFFER: usize = 1024;
 const WRITE_BUFFER: usize = 4 * 1024;
+/// Frames queued for the writer beyond which the session loop lets the
+/// writer run before it reads on (both run in one task).
+const YIELD_TO_WRITER: usize = 64;
 /// `retry_after_ms` suggested with `busy`.
 const BUSY_RETRY_MS: u64 = 50;
 
@@ -98,13 +102,86 @@ pub async fn serve(
     let (sink, mut stream) = ws.split();
     let (outbox, rx) = Outbox::new();
     let (close_tx, close_rx) = tokio::sync::oneshot::channel::<(u16, String)>();
-    let writer = state
-        .tasks
-        .spawn(write_loop(sink, rx, close_rx, outbox.clone()));
     let mut closer = Closer {
         close_tx: Some(close_tx),
     };
+    // The writer runs in this task, beside the reader, not as a task of
+    // its own: both halves of the socket wake the same task, so a frame
+    // read never wakes a second task (and with it another worker thread).
+    let own = outbox.own_task();
+    let written = CancellationToken::new();
+    let stop_writer = CancellationToken::new();
+    let writer = {
+        let (outbox, written, stop) = (outbox.clone(), written.clone(), stop_writer.clone());
+        async move {
+            tokio::select! {
+                _ = write_loop(sink, rx, close_rx, outbox) => {}
+                _ = stop.cancelled() => {}
+            }
+            written.cancel();
+        }
+    };
+    let rest = async move {
+        converse(
+            &state,
+            registry,
+            &mut stream,
+            &mut closer,
+            &outbox,
+            peer,
+            ticket,
+            &budget,
+            auth_deadline,
+            &cfg,
+        )
+        .await;
+        drop(outbox);
+        drop(closer);
+        // Let the writer send the close frame, and keep reading meanwhile so
+        // the peer's unread bytes do not turn our FIN into a reset.
+        let drain = async { while let Some(Ok(_)) = stream.next().await {} };
+        let _ = timeout(
+            Duration::from_secs(2),
+            futures_util::future::join(drain, written.cancelled()),
+        )
+        .await;
+        stop_writer.cancel();
+    };
+    // The reader half first, then the writer, in every poll: what the
+    // reader queued is written in the same poll, without a wake-up.
+    let (mut writer, mut rest) = (std::pin::pin!(writer), std::pin::pin!(rest));
+    let (mut writer_done, mut rest_done) = (false, false);
+    std::future::poll_fn(|cx| {
+        if !rest_done {
+            rest_done = own.enter(|| rest.as_mut().poll(cx)).is_ready();
+        }
+        if !writer_done {
+            writer_done = writer.as_mut().poll(cx).is_ready();
+        }
+        if writer_done && rest_done {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+}
 
+/// The handshake, then (once authenticated) the session, on an upgraded
+/// connection whose writer is already running.
+#[allow(clippy::too_many_arguments)]
+async fn converse(
+    state: &Arc<AppState>,
+    registry: Registry,
+    stream: &mut SplitStream<Ws>,
+    closer: &mut Closer,
+    outbox: &Outbox,
+    peer: SocketAddr,
+    ticket: Ticket,
+    budget: &PreAuthBudget,
+    auth_deadline: Instant,
+    cfg: &crate::config::Config,
+) {
     let issued = Issued::new(state.clock.now_ms());
     outbox.push(frames::challenge(
         state.key.public_b64(),
@@ -115,7 +192,7 @@ pub async fn serve(
     // The deadline is for the peer's answer; once it has arrived, the
     // server's own work on it (signature, database) is not cut short.
     let first = tokio::select! {
-        r = Box::pin(read_handshake_frame(&mut stream, &mut closer, &budget)) => r,
+        r = Box::pin(read_handshake_frame(stream, closer, budget)) => r,
         _ = tokio::time::sleep_until(auth_deadline) => {
             state.limiter.record_failure(peer.ip(), false, "timeout");
             closer.close(close::AUTH_TIMEOUT, "authentication timeout");
@@ -134,7 +211,7 @@ pub async fn serve(
     };
     let authed = match first {
         None => None,
-        Some(text) => match handshake::handle(&state, &issued, peer.ip(), &text).await {
+        Some(text) => match handshake::handle(state, &issued, peer.ip(), &text).await {
             Ok(a) => Some(a),
             Err(refused) => {
                 // Queued before the close request, so the writer sends it first.
@@ -157,18 +234,8 @@ pub async fn serve(
             cfg.server.max_in_flight,
             peer,
         );
-        session.run(&mut stream, &mut closer).await;
+        session.run(stream, closer).await;
     }
-    drop(outbox);
-    // Let the writer send the close frame, and keep reading meanwhile so the
-    // peer's unread bytes do not turn our FIN into a reset.
-    let drain = async { while let Some(Ok(_)) = stream.next().await {} };
-    let _ = timeout(Duration::from_secs(2), async {
-        tokio::join!(drain, async {
-            let _ = writer.await;
-        })
-    })
-    .await;
 }
 
 /// The bytes a connection may still read before it authenticates; lifted
@@ -545,7 +612,6 @@ struct InFlight {
     envelope: Mutex<HashSet<String>>,
     jsonrpc: Mutex<HashSet<String>>,
     count: AtomicUsize,
-    idle: Notify,
 }
 
 impl InFlight {
@@ -573,21 +639,14 @@ impl InFlight {
     }
 
     fn remove(&self, jsonrpc: bool, id: &str) {
-        if self.set(jsonrpc).remove(id) && self.count.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.idle.notify_waiters();
-        }
-    }
-
-    async fn wait_idle(&self) {
-        loop {
-            let notified = self.idle.notified();
-            if self.count.load(Ordering::SeqCst) == 0 {
-                return;
-            }
-            notified.await;
+        if self.set(jsonrpc).remove(id) {
+            self.count.fetch_sub(1, Ordering::SeqCst);
         }
     }
 }
+
+/// One request being run by its session's task (see [`Session::run`]).
+type Call = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 /// An authenticated session.
 struct Session {
@@ -625,7 +684,14 @@ impl Session {
         }
     }
 
+    /// The session loop. Requests run concurrently as futures of this one
+    /// task (`calls`), not as tasks of their own: a request that needs no
+    /// other thread (most do not) is read, run and answered without waking
+    /// another worker. What is still running when the loop ends goes on in
+    /// a task of its own, so that it is answered (or its approval expires)
+    /// as before.
     async fn run(&mut self, stream: &mut SplitStream<Ws>, closer: &mut Closer) {
+        let mut calls: FuturesUnordered<Call> = FuturesUnordered::new();
         self.state.sessions.insert(self.handle.clone());
         tracing::info!(session = %self.handle.session_id, "session started");
         crate::approvals::on_session_start(&self.state, &self.handle).await;
@@ -642,7 +708,8 @@ impl Session {
                     break;
                 }
                 _ = self.state.shutdown.cancelled() => {
-                    let _ = timeout(DRAIN_ON_SHUTDOWN, self.inflight.wait_idle()).await;
+                    let drain = async { while calls.next().await.is_some() {} };
+                    let _ = timeout(DRAIN_ON_SHUTDOWN, drain).await;
                     closer.close(close::GOING_AWAY, "server shutting down");
                     break;
                 }
@@ -653,10 +720,21 @@ impl Session {
                 _ = ping.tick() => {
                     self.outbox.ping();
                 }
+                Some(()) = calls.next(), if !calls.is_empty() => {}
                 msg = stream.next() => {
                     silence.as_mut().reset(Instant::now() + SILENCE_LIMIT);
                     match msg {
-                        Some(Ok(Message::Text(t))) => self.on_text(t.as_str()).await,
+                        Some(Ok(Message::Text(t))) => {
+                            if let Some(call) = self.on_text(t.as_str()).await {
+                                calls.push(call);
+                            }
+                            // The writer runs in this task: let it write
+                            // before the queue grows long (a peer that sends
+                            // fast must not fill its own outbox).
+                            if self.outbox.queued_frames() >= YIELD_TO_WRITER {
+                                tokio::task::yield_now().await;
+                            }
+                        }
                         Some(Ok(Message::Binary(_))) => {
                             self.send(frames::error(ErrorCode::InvalidRequest, "binary frames are not accepted: send JSON in text frames")).await;
                         }
@@ -673,6 +751,11 @@ impl Session {
             }
         }
         self.state.sessions.remove(&self.handle.session_id);
+        if !calls.is_empty() {
+            self.state
+                .tasks
+                .spawn(async move { while calls.next().await.is_some() {} });
+        }
         tracing::info!(session = %self.handle.session_id, "session ended");
     }
 
@@ -682,44 +765,49 @@ impl Session {
         self.outbox.push(frame);
     }
 
-    async fn on_text(&self, text: &str) {
+    /// Handles one text frame; a request comes back as the [`Call`] that
+    /// runs it.
+    async fn on_text(&self, text: &str) -> Option<Call> {
         match inbound::decode(text) {
             Inbound::Admin {
                 request_id,
                 action,
                 params,
-            } => {
-                self.spawn_call(false, request_id, Value::Null, action, params)
-                    .await
-            }
+            } => self.call(false, request_id, Value::Null, action, params),
             Inbound::JsonRpc {
                 id,
                 key,
                 method,
                 params,
-            } => self.spawn_call(true, key, id, method, params).await,
-            Inbound::Notification => {}
+            } => self.call(true, key, id, method, params),
+            Inbound::Notification => None,
             Inbound::ApprovalResponse(obj) => {
                 if let Some(reply) =
                     crate::approvals::on_response(&self.state, &self.handle, &obj).await
                 {
                     self.send(reply).await;
                 }
+                None
             }
-            Inbound::Reply(frame) => self.send(frame).await,
+            Inbound::Reply(frame) => {
+                self.send(frame).await;
+                None
+            }
         }
     }
 
-    /// Runs a call concurrently; its one response goes out when it completes.
-    /// `key` is the in-flight key (request_id, or the JSON-RPC id as a string).
-    async fn spawn_call(
+    /// A request admitted (budget, in-flight cap, unique id) becomes the
+    /// future that runs it and queues its one response; a refused one is
+    /// answered at once. `key` is the in-flight key (request_id, or the
+    /// JSON-RPC id as a string).
+    fn call(
         &self,
         jsonrpc: bool,
         key: String,
         id: Value,
         action: String,
         params: Map<String, Value>,
-    ) {
+    ) -> Option<Call> {
         let respond = move |out: Result<Box<serde_json::value::RawValue>, ApiError>,
                             key: &str,
                             id: &Value| match (jsonrpc, out) {
@@ -736,12 +824,13 @@ impl Session {
             .budget
             .admit(&self.handle.device_id, self.registry.is_gated(&action))
         {
-            return self.send(respond(Err(e), &key, &id)).await;
+            self.outbox.push(respond(Err(e), &key, &id));
+            return None;
         }
         if let Err(code) = self.inflight.try_insert(jsonrpc, &key, self.max_in_flight) {
-            return self
-                .send(respond(Err(refusal(code, self.max_in_flight)), &key, &id))
-                .await;
+            self.outbox
+                .push(respond(Err(refusal(code, self.max_in_flight)), &key, &id));
+            return None;
         }
         let caller = self.caller(&key);
         let (state, registry, outbox, inflight) = (
@@ -759,7 +848,7 @@ impl Session {
             request_id = %key,
             action = %action,
         );
-        let task = async move {
+        let call = async move {
             tracing::debug!("request received");
             let out = registry.call(&state, &action, params, caller).await;
             match &out {
@@ -769,9 +858,7 @@ impl Session {
             outbox.deliver(respond(out, &key, &id)).await;
             inflight.remove(jsonrpc, &key);
         };
-        self.state
-            .tasks
-            .spawn(tracing::Instrument::instrument(task, span));
+        Some(Box::pin(tracing::Instrument::instrument(call, span)))
     }
 
     fn caller(&self, request_id: &str) -> Caller {

@@ -14,7 +14,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::protocol::close;
@@ -47,6 +47,12 @@ pub const RESPONSE_WAIT: Duration = Duration::from_secs(30);
 
 #[derive(Debug)]
 struct OutboxShared {
+    /// The frames, oldest first (at most [`OUTBOX_CAPACITY`]).
+    frames: Mutex<std::collections::VecDeque<Outbound>>,
+    /// The writer, when it waits for a frame.
+    writer: futures_util::task::AtomicWaker,
+    /// Live `Outbox` handles: the writer's `recv` ends once none is left.
+    senders: AtomicUsize,
     queued_bytes: AtomicUsize,
     waiting_bytes: AtomicUsize,
     room: Notify,
@@ -54,26 +60,66 @@ struct OutboxShared {
     close_code: AtomicU16,
 }
 
+thread_local! {
+    /// The outbox whose connection task is being polled on this thread, if
+    /// any (see [`Outbox::polling_own_task`]).
+    static OWN_TASK: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 /// The sending side of a connection's outbox (cheap to clone).
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Outbox {
-    tx: mpsc::Sender<Outbound>,
     shared: Arc<OutboxShared>,
+}
+
+impl Clone for Outbox {
+    fn clone(&self) -> Outbox {
+        self.shared.senders.fetch_add(1, Ordering::SeqCst);
+        Outbox {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        if self.shared.senders.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.shared.writer.wake();
+        }
+    }
 }
 
 /// The writer's side: frames, and the accounting it releases as it writes.
 #[derive(Debug)]
 pub struct OutboxReceiver {
-    rx: mpsc::Receiver<Outbound>,
     shared: Arc<OutboxShared>,
 }
 
 impl OutboxReceiver {
+    /// The next frame; None once the outbox is empty and every `Outbox`
+    /// handle is gone.
     pub async fn recv(&mut self) -> Option<Outbound> {
-        self.rx.recv().await
+        std::future::poll_fn(|cx| {
+            if let Some(o) = self.try_recv() {
+                return std::task::Poll::Ready(Some(o));
+            }
+            self.shared.writer.register(cx.waker());
+            match self.try_recv() {
+                Some(o) => std::task::Poll::Ready(Some(o)),
+                None if self.shared.senders.load(Ordering::SeqCst) == 0 => {
+                    std::task::Poll::Ready(None)
+                }
+                None => std::task::Poll::Pending,
+            }
+        })
+        .await
     }
     pub fn try_recv(&mut self) -> Option<Outbound> {
-        self.rx.try_recv().ok()
+        self.shared
+            .frames
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop_front()
     }
     /// The writer has written (or dropped) `o`: its bytes are free again.
     pub fn release(&self, o: &Outbound) {
@@ -84,10 +130,34 @@ impl OutboxReceiver {
     }
 }
 
+/// Marks the polls of a connection task's reader half (see
+/// [`Outbox::own_task`]).
+#[derive(Debug, Clone, Copy)]
+pub struct OwnTask(usize);
+
+impl OwnTask {
+    /// Runs `f` (one poll of the connection task's reader half) marked as
+    /// the writer's own task: frames it queues do not wake the writer,
+    /// which the caller polls right after. A frame queued from any other
+    /// task wakes it as usual.
+    pub fn enter<R>(self, f: impl FnOnce() -> R) -> R {
+        struct Restore(usize);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                OWN_TASK.with(|c| c.set(self.0));
+            }
+        }
+        let _restore = Restore(OWN_TASK.with(|c| c.replace(self.0)));
+        f()
+    }
+}
+
 impl Outbox {
     pub fn new() -> (Outbox, OutboxReceiver) {
-        let (tx, rx) = mpsc::channel(OUTBOX_CAPACITY);
         let shared = Arc::new(OutboxShared {
+            frames: Mutex::new(std::collections::VecDeque::new()),
+            writer: futures_util::task::AtomicWaker::new(),
+            senders: AtomicUsize::new(1),
             queued_bytes: AtomicUsize::new(0),
             waiting_bytes: AtomicUsize::new(0),
             room: Notify::new(),
@@ -96,11 +166,16 @@ impl Outbox {
         });
         (
             Outbox {
-                tx,
                 shared: shared.clone(),
             },
-            OutboxReceiver { rx, shared },
+            OutboxReceiver { shared },
         )
+    }
+
+    /// The marker for the task that runs both this outbox's writer and
+    /// the code that queues most of its frames.
+    pub fn own_task(&self) -> OwnTask {
+        OwnTask(Arc::as_ptr(&self.shared) as usize)
     }
 
     /// Queues `o` if it fits in the byte budget and the frame capacity.
@@ -112,13 +187,22 @@ impl Outbox {
             s.queued_bytes.fetch_sub(len, Ordering::SeqCst);
             return Err(o);
         }
-        match self.tx.try_send(o) {
-            Ok(()) => Ok(()),
-            Err(e) => {
+        {
+            let mut frames = s.frames.lock().unwrap_or_else(|p| p.into_inner());
+            if frames.len() >= OUTBOX_CAPACITY {
+                drop(frames);
                 s.queued_bytes.fetch_sub(len, Ordering::SeqCst);
-                Err(e.into_inner())
+                return Err(o);
             }
+            frames.push_back(o);
         }
+        // The writer's own task polls it right after this (see
+        // `OutboxReceiver::polling_own_task`): waking it would only make
+        // the runtime reschedule the task and wake another worker.
+        if OWN_TASK.with(|c| c.get()) != Arc::as_ptr(s) as usize {
+            s.writer.wake();
+        }
+        Ok(())
     }
 
     /// Queues a frame without waiting; a session that cannot take it is
@@ -210,6 +294,15 @@ impl Outbox {
 
     pub fn close_code(&self) -> u16 {
         self.shared.close_code.load(Ordering::SeqCst)
+    }
+
+    /// Frames queued for the writer now.
+    pub fn queued_frames(&self) -> usize {
+        self.shared
+            .frames
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
     }
 
     /// Bytes queued for the writer now.
