@@ -98,19 +98,13 @@ impl std::fmt::Debug for AppState {
 impl AppState {
     /// Builds the state; loads plugins and skills with their persisted toggles.
     pub fn new(dir: DataDir, config: Config, db: Db, key: ServerKey) -> AppState {
-        use crate::storage::toggles::{self, Kind};
-        let plugin_toggles = db
-            .blocking(|c| toggles::all(c, Kind::Plugin))
-            .unwrap_or_default();
-        let skill_toggles = db
-            .blocking(|c| toggles::all(c, Kind::Skill))
-            .unwrap_or_default();
-        let plugins = Plugins::load(&dir.root, plugin_toggles);
+        use crate::storage::toggles::{Kind, Toggles};
+        let plugins = Plugins::load(&dir.root, Toggles::load(&db, Kind::Plugin));
         let clock = Clock::new();
         let scheduler = crate::scheduler::Scheduler::load(&config, &db, clock.now_ms());
         let memory = Memory::open(&db, dir.resolve(&config.memory.model_dir))
             .expect("memory index loads from agent.db");
-        let skills = Skills::load(&dir.root, skill_toggles);
+        let skills = Skills::load(&dir.root, Toggles::load(&db, Kind::Skill));
         let secrets = crate::secrets::Secrets::new(db.clone(), clock, dir.root.clone());
         let audit = AuditLog::start(
             dir.resolve(&config.audit.dir),

@@ -9,7 +9,6 @@ use crate::protocol::ApiError;
 use crate::rpc::{ActionResult, Caller, NoParams};
 use crate::scheduler::{executions, start_run};
 use crate::state::AppState;
-use crate::storage::toggles::Kind;
 
 pub async fn list_scheduled_tasks(state: Arc<AppState>, _c: Caller, _p: NoParams) -> ActionResult {
     let tasks = state
@@ -33,9 +32,7 @@ pub async fn toggle_task(state: Arc<AppState>, _c: Caller, p: ToggleTask) -> Act
     if state.scheduler.get(&p.name).is_none() {
         return Err(unknown(&p.name));
     }
-    let answer = super::persist_toggle(&state, Kind::Task, "Task", &p.name, p.enabled).await?;
-    state.scheduler.set_enabled(&p.name, p.enabled);
-    Ok(answer)
+    super::persist_toggle(state.scheduler.toggles(), "Task", &p.name, p.enabled).await
 }
 
 #[derive(Debug, Deserialize)]

@@ -10,7 +10,7 @@ pub mod run;
 pub mod task;
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -22,7 +22,7 @@ use crate::config::Config;
 use crate::protocol::{ApiError, ErrorCode};
 use crate::state::AppState;
 use crate::storage::Db;
-use crate::storage::toggles::{self, Kind};
+use crate::storage::toggles::{Kind, Toggles};
 use executions::Execution;
 use task::{TaskDef, next_after};
 
@@ -33,7 +33,7 @@ const RECENT: usize = 10;
 
 pub struct Scheduler {
     tasks: Vec<TaskDef>,
-    toggles: RwLock<HashMap<String, bool>>,
+    toggles: Toggles,
     running: Mutex<HashSet<String>>,
     last_run: Mutex<HashMap<String, i64>>,
     recent: Mutex<VecDeque<Execution>>,
@@ -70,23 +70,17 @@ impl Scheduler {
         }
         let loaded = db.blocking(|c| {
             let interrupted = executions::close_interrupted(c, now_ms)?;
-            let toggles = toggles::all(c, Kind::Task)?;
             let mut last = HashMap::new();
             for t in &tasks {
                 if let (Some(run), _) = executions::state(c, &t.id)? {
                     last.insert(t.id.clone(), run);
                 }
             }
-            Ok((
-                interrupted,
-                toggles,
-                last,
-                executions::recent(c, RECENT as i64)?,
-            ))
+            Ok((interrupted, last, executions::recent(c, RECENT as i64)?))
         });
-        let (interrupted, toggles, last, recent) = loaded.unwrap_or_else(|e| {
+        let (interrupted, last, recent) = loaded.unwrap_or_else(|e| {
             tracing::error!(error = %e, "cannot load scheduler state");
-            (0, HashMap::new(), HashMap::new(), Vec::new())
+            (0, HashMap::new(), Vec::new())
         });
         if interrupted > 0 {
             tracing::warn!(
@@ -101,7 +95,7 @@ impl Scheduler {
         );
         Scheduler {
             tasks,
-            toggles: RwLock::new(toggles),
+            toggles: Toggles::load(db, Kind::Task),
             running: Mutex::default(),
             last_run: Mutex::new(last),
             recent: Mutex::new(recent.into_iter().collect()),
@@ -117,20 +111,14 @@ impl Scheduler {
         self.tasks.iter().find(|t| t.name == name)
     }
 
+    /// The task's toggle, else its `enabled` in config.toml.
     pub fn is_enabled(&self, t: &TaskDef) -> bool {
-        self.toggles
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&t.name)
-            .copied()
-            .unwrap_or(t.enabled)
+        self.toggles.is_enabled(&t.name, t.enabled)
     }
 
-    pub fn set_enabled(&self, name: &str, enabled: bool) {
-        self.toggles
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(name.to_string(), enabled);
+    /// The persisted toggles (`toggle_task` sets them).
+    pub fn toggles(&self) -> &Toggles {
+        &self.toggles
     }
 
     /// `list_scheduled_tasks` entries. `next_run` is null for a disabled
