@@ -425,3 +425,102 @@ impl Scheduler {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{ApiError, ErrorCode};
+    use crate::secrets::release::{BoxFuture, Granted, PendingNotice, SecretAudit};
+    use crate::storage::audit::Retention;
+    use tokio::sync::oneshot;
+
+    /// A host that refuses every release (no test task asks for one).
+    struct Refuse;
+
+    impl Host for Refuse {
+        fn ask(
+            &self,
+            _action: &'static str,
+            _params: Value,
+            _summary: String,
+            _gone: CancellationToken,
+            _pending: Option<oneshot::Sender<PendingNotice>>,
+        ) -> BoxFuture<'_, Result<Granted, ApiError>> {
+            Box::pin(async { Err(ApiError::new(ErrorCode::ApprovalDenied, "refused")) })
+        }
+        fn paired_devices(&self) -> BoxFuture<'_, Result<i64, ApiError>> {
+            Box::pin(async { Ok(0) })
+        }
+        fn max_lease_secs(&self) -> u64 {
+            0
+        }
+        fn audit(&self, _record: SecretAudit) -> BoxFuture<'_, ()> {
+            Box::pin(async {})
+        }
+    }
+
+    /// A scheduler built from its own handles only (no server state), with
+    /// the shutdown token, tracker and audit log the test drives.
+    fn scheduler(
+        dir: &std::path::Path,
+        config: &str,
+    ) -> (Scheduler, CancellationToken, TaskTracker, Arc<AuditLog>) {
+        let config = Config::parse(config, &dir.join("config.toml")).unwrap();
+        let db = Db::open(&dir.join("agent.db")).unwrap();
+        let clock = Clock::new();
+        let (shutdown, tracker) = (CancellationToken::new(), TaskTracker::new());
+        let audit = Arc::new(AuditLog::start(
+            dir.join("audit"),
+            db.clone(),
+            Retention::default(),
+        ));
+        let s = Scheduler::load(Deps {
+            db: db.clone(),
+            clock,
+            config: watch::channel(Arc::new(config)).1,
+            events: Arc::new(Sessions::default()),
+            shutdown: shutdown.clone(),
+            tracker: tracker.clone(),
+            plugins: Arc::new(Plugins::load(dir, Toggles::load(&db, Kind::Plugin))),
+            secrets: Secrets::new(db.clone(), clock, dir.to_path_buf()),
+            audit: audit.clone(),
+            root: dir.to_path_buf(),
+        });
+        (s, shutdown, tracker, audit)
+    }
+
+    #[tokio::test]
+    async fn runs_report_scheduler_errors_and_keep_no_host() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, shutdown, tracker, audit) = scheduler(
+            dir.path(),
+            "[[tasks]]\nname = \"slow\"\ncron = \"0 0 1 1 *\"\nhandler = \"command\"\ncommand = [\"/bin/sleep\", \"30\"]\n",
+        );
+        assert_eq!(s.count(), 1);
+        let host: Arc<dyn Host> = Arc::new(Refuse);
+        assert!(matches!(
+            s.trigger("ghost", host.clone()).await,
+            Err(SchedulerError::UnknownTask(n)) if n == "ghost"
+        ));
+        let id = s.trigger("slow", host.clone()).await.unwrap();
+        assert!(matches!(
+            s.trigger("slow", host.clone()).await,
+            Err(SchedulerError::AlreadyRunning(n)) if n == "slow"
+        ));
+        assert!(matches!(
+            s.executions("slow", 0).await,
+            Err(SchedulerError::BadLimit)
+        ));
+        // Shutdown ends the run as interrupted; then nothing holds the host.
+        shutdown.cancel();
+        tracker.close();
+        tracker.wait().await;
+        let runs = s.executions("slow", 10).await.unwrap();
+        assert_eq!(runs.len(), 1);
+        assert_eq!(runs[0].id, id);
+        assert_eq!(runs[0].success, Some(false));
+        assert!(runs[0].error.as_deref().unwrap().starts_with("interrupted"));
+        assert_eq!(Arc::strong_count(&host), 1, "the scheduler keeps no host");
+        audit.close_async().await;
+    }
+}
