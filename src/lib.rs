@@ -13,6 +13,7 @@ pub mod config;
 pub mod config_file;
 pub mod connection;
 pub mod disk;
+pub mod errors;
 pub mod handlers;
 pub mod logging;
 pub mod memory;

@@ -12,6 +12,11 @@ use std::sync::{Arc, RwLock};
 use serde_json::{Value, json};
 use toml_edit::{DocumentMut, Item};
 
+use crate::storage::toggles::Toggles;
+
+/// A plugin that was never toggled is enabled.
+const ENABLED_BY_DEFAULT: bool = true;
+
 /// One loaded plugin manifest.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plugin {
@@ -52,7 +57,7 @@ struct Loaded {
 pub struct Plugins {
     data_dir: PathBuf,
     loaded: RwLock<Arc<Loaded>>,
-    toggles: RwLock<HashMap<String, bool>>,
+    toggles: Toggles,
 }
 
 /// What the scheduler runs for a `plugin` task.
@@ -201,8 +206,9 @@ fn scan(data_dir: &Path) -> Loaded {
 }
 
 impl Plugins {
-    /// Scans the plugins folder. `toggles` are the persisted overrides.
-    pub fn load(data_dir: &Path, toggles: HashMap<String, bool>) -> Plugins {
+    /// Scans the plugins folder. `toggles` are the persisted overrides
+    /// (kind `plugin`).
+    pub fn load(data_dir: &Path, toggles: Toggles) -> Plugins {
         let loaded = scan(data_dir);
         tracing::info!(
             loaded = loaded.plugins.len(),
@@ -212,7 +218,7 @@ impl Plugins {
         Plugins {
             data_dir: data_dir.to_path_buf(),
             loaded: RwLock::new(Arc::new(loaded)),
-            toggles: RwLock::new(toggles),
+            toggles,
         }
     }
 
@@ -236,20 +242,12 @@ impl Plugins {
     }
 
     pub fn is_enabled(&self, name: &str) -> bool {
-        self.toggles
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(name)
-            .copied()
-            .unwrap_or(true)
+        self.toggles.is_enabled(name, ENABLED_BY_DEFAULT)
     }
 
-    /// Records a toggle in memory (the caller persists it).
-    pub fn set_enabled(&self, name: &str, enabled: bool) {
-        self.toggles
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(name.to_string(), enabled);
+    /// The persisted toggles (`toggle_plugin` sets them).
+    pub fn toggles(&self) -> &Toggles {
+        &self.toggles
     }
 
     pub fn get(&self, name: &str) -> Option<Plugin> {

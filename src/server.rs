@@ -220,7 +220,9 @@ pub async fn start(opts: Options) -> Result<ServerHandle, StartError> {
     state
         .tasks
         .spawn(state.memory.clone().watch(state.shutdown.clone()));
-    state.tasks.spawn(crate::scheduler::runner(state.clone()));
+    state
+        .scheduler
+        .start(Arc::new(crate::approvals::local::StateHost(state.clone())));
     state.tasks.spawn(crate::secrets::socket::serve(
         socket,
         socket_path,

@@ -3,7 +3,6 @@
 //! skipped, never fatal. Skills are rescanned when listed, so an edited
 //! SKILL.md shows without a restart.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 
@@ -11,6 +10,10 @@ use serde_json::{Value, json};
 use yaml_rust2::{Yaml, YamlLoader};
 
 use crate::plugins::Failure;
+use crate::storage::toggles::Toggles;
+
+/// A skill that was never toggled is enabled.
+const ENABLED_BY_DEFAULT: bool = true;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Skill {
@@ -77,7 +80,7 @@ pub fn parse_skill(id: &str, text: &str) -> Result<Skill, String> {
 pub struct Skills {
     data_dir: PathBuf,
     loaded: RwLock<(Vec<Skill>, Vec<Failure>)>,
-    toggles: RwLock<HashMap<String, bool>>,
+    toggles: Toggles,
 }
 
 fn scan(data_dir: &Path) -> (Vec<Skill>, Vec<Failure>) {
@@ -111,7 +114,9 @@ fn scan(data_dir: &Path) -> (Vec<Skill>, Vec<Failure>) {
 }
 
 impl Skills {
-    pub fn load(data_dir: &Path, toggles: HashMap<String, bool>) -> Skills {
+    /// Scans the skills folder. `toggles` are the persisted overrides
+    /// (kind `skill`).
+    pub fn load(data_dir: &Path, toggles: Toggles) -> Skills {
         let loaded = scan(data_dir);
         for f in &loaded.1 {
             tracing::warn!(path = %f.path, error = %f.error, "skill skipped");
@@ -119,7 +124,7 @@ impl Skills {
         Skills {
             data_dir: data_dir.to_path_buf(),
             loaded: RwLock::new(loaded),
-            toggles: RwLock::new(toggles),
+            toggles,
         }
     }
 
@@ -149,19 +154,12 @@ impl Skills {
     }
 
     pub fn is_enabled(&self, id: &str) -> bool {
-        self.toggles
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-            .copied()
-            .unwrap_or(true)
+        self.toggles.is_enabled(id, ENABLED_BY_DEFAULT)
     }
 
-    pub fn set_enabled(&self, id: &str, enabled: bool) {
-        self.toggles
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id.to_string(), enabled);
+    /// The persisted toggles (`toggle_skill` sets them).
+    pub fn toggles(&self) -> &Toggles {
+        &self.toggles
     }
 
     pub fn list_json(&self) -> (Vec<Value>, Vec<Value>) {

@@ -61,12 +61,13 @@ pub struct AppState {
     pub db: Db,
     pub key: ServerKey,
     pub clock: Clock,
-    pub sessions: Sessions,
+    pub sessions: Arc<Sessions>,
     pub limiter: HandshakeLimiter,
-    pub audit: AuditLog,
+    pub audit: Arc<AuditLog>,
     pub approvals: Approvals,
-    pub plugins: Plugins,
+    pub plugins: Arc<Plugins>,
     pub memory: Arc<Memory>,
+    /// The scheduler service; it owns its own handles (see `scheduler::Deps`).
     pub scheduler: crate::scheduler::Scheduler,
     /// The secrets vault (SPEC §10).
     pub secrets: crate::secrets::Secrets,
@@ -98,25 +99,18 @@ impl std::fmt::Debug for AppState {
 impl AppState {
     /// Builds the state; loads plugins and skills with their persisted toggles.
     pub fn new(dir: DataDir, config: Config, db: Db, key: ServerKey) -> AppState {
-        use crate::storage::toggles::{self, Kind};
-        let plugin_toggles = db
-            .blocking(|c| toggles::all(c, Kind::Plugin))
-            .unwrap_or_default();
-        let skill_toggles = db
-            .blocking(|c| toggles::all(c, Kind::Skill))
-            .unwrap_or_default();
-        let plugins = Plugins::load(&dir.root, plugin_toggles);
+        use crate::storage::toggles::{Kind, Toggles};
+        let plugins = Arc::new(Plugins::load(&dir.root, Toggles::load(&db, Kind::Plugin)));
         let clock = Clock::new();
-        let scheduler = crate::scheduler::Scheduler::load(&config, &db, clock.now_ms());
         let memory = Memory::open(&db, dir.resolve(&config.memory.model_dir))
             .expect("memory index loads from agent.db");
-        let skills = Skills::load(&dir.root, skill_toggles);
+        let skills = Skills::load(&dir.root, Toggles::load(&db, Kind::Skill));
         let secrets = crate::secrets::Secrets::new(db.clone(), clock, dir.root.clone());
-        let audit = AuditLog::start(
+        let audit = Arc::new(AuditLog::start(
             dir.resolve(&config.audit.dir),
             db.clone(),
             Retention::from(&config.audit),
-        );
+        ));
         let limiter = HandshakeLimiter::new(
             config.server.auth_failures_per_minute,
             config.server.pair_failures_per_minute,
@@ -131,6 +125,19 @@ impl AppState {
         let config = watch::Sender::new(Arc::new(config));
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
+        let sessions = Arc::new(Sessions::default());
+        let scheduler = crate::scheduler::Scheduler::load(crate::scheduler::Deps {
+            db: db.clone(),
+            clock,
+            config: config.subscribe(),
+            events: sessions.clone(),
+            shutdown: shutdown.clone(),
+            tracker: tasks.clone(),
+            plugins: plugins.clone(),
+            secrets: secrets.clone(),
+            audit: audit.clone(),
+            root: dir.root.clone(),
+        });
         tasks.spawn(housekeeping(Housekeeping {
             root: dir.root.clone(),
             config: config.subscribe(),
@@ -146,7 +153,7 @@ impl AppState {
             db,
             key,
             clock,
-            sessions: Sessions::default(),
+            sessions,
             limiter,
             audit,
             approvals: Approvals::default(),

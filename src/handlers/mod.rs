@@ -15,19 +15,18 @@ pub mod skills;
 use crate::approvals::register_gated;
 use crate::rpc::{Actions, register};
 
-/// Persists a plugin/skill/task toggle and words the answer
-/// (`"<Label> 'NAME' enabled"`). The caller updates its in-memory copy.
+/// Sets a plugin/skill/task toggle through its [`Toggles`] (persisted, then
+/// in memory) and words the answer (`"<Label> 'NAME' enabled"`).
+///
+/// [`Toggles`]: crate::storage::toggles::Toggles
 pub(crate) async fn persist_toggle(
-    state: &crate::state::AppState,
-    kind: crate::storage::toggles::Kind,
+    toggles: &crate::storage::toggles::Toggles,
     label: &str,
     name: &str,
     enabled: bool,
 ) -> crate::rpc::ActionResult {
-    let n = name.to_string();
-    state
-        .db
-        .call(move |c| crate::storage::toggles::set(c, kind, &n, enabled))
+    toggles
+        .set(name, enabled)
         .await
         .map_err(|e| crate::protocol::ApiError::internal(e.to_string()))?;
     let word = if enabled { "enabled" } else { "disabled" };

@@ -8,7 +8,6 @@ use serde_json::json;
 use crate::protocol::ApiError;
 use crate::rpc::{ActionResult, Caller, NoParams};
 use crate::state::AppState;
-use crate::storage::toggles::Kind;
 
 pub async fn list_plugins(state: Arc<AppState>, _c: Caller, _p: NoParams) -> ActionResult {
     Ok(json!({"result": "plugins", "plugins": state.plugins.list_json()}))
@@ -25,9 +24,7 @@ pub async fn toggle_plugin(state: Arc<AppState>, _c: Caller, p: Toggle) -> Actio
     if state.plugins.get(&p.name).is_none() {
         return Err(ApiError::not_found(format!("no plugin named {:?}", p.name)));
     }
-    let answer = super::persist_toggle(&state, Kind::Plugin, "Plugin", &p.name, p.enabled).await?;
-    state.plugins.set_enabled(&p.name, p.enabled);
-    Ok(answer)
+    super::persist_toggle(state.plugins.toggles(), "Plugin", &p.name, p.enabled).await
 }
 
 pub async fn reload_plugins(state: Arc<AppState>, _c: Caller, _p: NoParams) -> ActionResult {

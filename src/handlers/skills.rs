@@ -8,7 +8,6 @@ use serde_json::json;
 use crate::protocol::ApiError;
 use crate::rpc::{ActionResult, Caller, NoParams};
 use crate::state::AppState;
-use crate::storage::toggles::Kind;
 
 /// Rescans the skills folder, then lists. `failed` (an addition to SPEC §6)
 /// reports SKILL.md files that were skipped, with the reason.
@@ -32,7 +31,5 @@ pub async fn toggle_skill(state: Arc<AppState>, _c: Caller, p: ToggleSkill) -> A
     if !state.skills.exists(&p.id) {
         return Err(ApiError::not_found(format!("no skill {:?}", p.id)));
     }
-    let answer = super::persist_toggle(&state, Kind::Skill, "Skill", &p.id, p.enabled).await?;
-    state.skills.set_enabled(&p.id, p.enabled);
-    Ok(answer)
+    super::persist_toggle(state.skills.toggles(), "Skill", &p.id, p.enabled).await
 }

@@ -7,17 +7,16 @@
 //! last [`ERROR_TAIL`] characters of its stderr.
 
 use std::process::Stdio;
-use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Value, json};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
-use super::executions;
 use super::task::{Builtin, Handler, TaskDef};
+use super::{Scheduler, executions};
+use crate::config::Config;
 use crate::secrets::SecretValue;
-use crate::secrets::release::{ReleaseRequest, Requester};
-use crate::state::AppState;
+use crate::secrets::release::{Host, ReleaseRequest, Requester};
 
 /// Output kept per stream, in bytes (the tail); the rest is dropped.
 pub const KEEP_OUTPUT: usize = 64 * 1024;
@@ -70,7 +69,8 @@ fn clean(mut bytes: Vec<u8>, secrets: &[(String, SecretValue)]) -> Vec<u8> {
 /// Asks for the task's secrets (kind `task`) and waits; Err is the run's
 /// error (denied, expired, refused), which names no value.
 async fn release_for(
-    state: &Arc<AppState>,
+    sched: &Scheduler,
+    host: &dyn Host,
     task: &TaskDef,
     trigger: &str,
 ) -> Result<Vec<(String, SecretValue)>, String> {
@@ -92,10 +92,9 @@ async fn release_for(
         reason,
         lease_secs: task.secrets.lease_secs,
     };
-    let host = crate::approvals::local::StateHost(state.clone());
     let released = crate::secrets::release::release(
-        &state.secrets,
-        &host,
+        &sched.deps().secrets,
+        host,
         req,
         tokio_util::sync::CancellationToken::new(),
         None,
@@ -263,9 +262,10 @@ fn webhook(url: &str, method: &str, timeout: Duration, body: &Value) -> Result<(
     }
 }
 
-/// Runs the task's handler to completion.
+/// Runs the task's handler to completion. `host` asks for its secrets.
 pub async fn run(
-    state: &Arc<AppState>,
+    sched: &Scheduler,
+    host: &dyn Host,
     task: &TaskDef,
     execution_id: i64,
     started_at: i64,
@@ -273,10 +273,10 @@ pub async fn run(
 ) -> Result<(), String> {
     match &task.handler {
         Handler::Command { argv, timeout_secs } => {
-            let secrets = release_for(state, task, trigger).await?;
+            let secrets = release_for(sched, host, task, trigger).await?;
             run_process(
                 argv,
-                &state.dir.root,
+                &sched.deps().root,
                 None,
                 Duration::from_secs(*timeout_secs),
                 &secrets,
@@ -287,8 +287,8 @@ pub async fn run(
             plugin,
             timeout_secs,
         } => {
-            let cmd = state.plugins.task_command(plugin)?;
-            let secrets = release_for(state, task, trigger).await?;
+            let cmd = sched.deps().plugins.task_command(plugin)?;
+            let secrets = release_for(sched, host, task, trigger).await?;
             let input = describe_run(task, execution_id, started_at, trigger)
                 .to_string()
                 .into_bytes();
@@ -325,10 +325,11 @@ pub async fn run(
             .map_err(|e| e.to_string())?
         }
         Handler::Builtin(Builtin::AuditVerify) => {
-            state.audit.flush().await;
+            let deps = sched.deps();
+            deps.audit.flush().await;
             let (dir, db) = (
-                state.dir.resolve(&state.config().audit.dir),
-                state.db.clone(),
+                Config::resolve(&deps.root, &sched.config().audit.dir),
+                deps.db.clone(),
             );
             tokio::task::spawn_blocking(move || {
                 crate::storage::audit::verify(&dir, &db).map(|_| ())
@@ -337,7 +338,8 @@ pub async fn run(
             .map_err(|e| e.to_string())?
         }
         Handler::Builtin(Builtin::PruneExecutions) => {
-            let n = state
+            let n = sched
+                .deps()
                 .db
                 .call(|c| executions::prune(c))
                 .await

@@ -1,0 +1,57 @@
+//! The error boundary: every domain error becomes an `ApiError` here.
+//!
+//! Domains (the scheduler, …) report failures with their own `thiserror`
+//! types and know nothing of the wire; handlers use `?` and the
+//! conversions below choose the code and the message the peer sees. An
+//! internal failure (storage, I/O) goes through [`ApiError::internal`]: its
+//! detail is logged and the peer gets a generic message.
+
+use crate::protocol::{ApiError, ErrorCode};
+use crate::scheduler::SchedulerError;
+
+impl From<SchedulerError> for ApiError {
+    fn from(e: SchedulerError) -> ApiError {
+        match e {
+            SchedulerError::UnknownTask(_) => ApiError::new(ErrorCode::NotFound, e.to_string()),
+            SchedulerError::AlreadyRunning(_) => ApiError::new(ErrorCode::Conflict, e.to_string()),
+            SchedulerError::BadLimit => ApiError::new(ErrorCode::InvalidRequest, e.to_string()),
+            SchedulerError::Storage(inner) => ApiError::internal(inner.to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::StorageError;
+
+    fn wire(e: SchedulerError) -> (&'static str, String) {
+        let a = ApiError::from(e);
+        (a.code.as_str(), a.message)
+    }
+
+    #[test]
+    fn scheduler_errors_keep_their_wire_codes_and_messages() {
+        assert_eq!(
+            wire(SchedulerError::UnknownTask("ghost".into())),
+            ("not_found", "no scheduled task named \"ghost\"".into())
+        );
+        assert_eq!(
+            wire(SchedulerError::AlreadyRunning("slow".into())),
+            ("conflict", "task 'slow' is already running".into())
+        );
+        assert_eq!(
+            wire(SchedulerError::BadLimit),
+            ("invalid_request", "`limit` must be in 1..=100".into())
+        );
+    }
+
+    #[test]
+    fn a_storage_failure_is_internal_and_shows_no_detail() {
+        let detail = "no such table: task_executions (/secret/path/agent.db)";
+        let (code, message) = wire(SchedulerError::Storage(StorageError::Join(detail.into())));
+        assert_eq!(code, "internal");
+        assert!(!message.contains("task_executions") && !message.contains("/secret"));
+        assert_eq!(message, "internal error: the server log has the details");
+    }
+}
