@@ -808,16 +808,13 @@ impl Session {
         action: String,
         params: Map<String, Value>,
     ) -> Option<Call> {
-        let respond = move |out: Result<Box<serde_json::value::RawValue>, ApiError>,
-                            key: &str,
-                            id: &Value| match (jsonrpc, out) {
-            (false, Ok(raw)) => frames::admin_response_raw(key, &raw),
-            (false, Err(e)) => frames::admin_error(key, &e),
-            (true, Ok(raw)) => {
-                serde_json::json!({"jsonrpc": "2.0", "id": id, "result": raw}).to_string()
-            }
-            (true, Err(e)) => frames::jsonrpc_error(id, &e),
-        };
+        let respond =
+            move |out: crate::rpc::ActionResult, key: &str, id: &Value| match (jsonrpc, out) {
+                (false, Ok(payload)) => frames::admin_response(key, &payload),
+                (false, Err(e)) => frames::admin_error(key, &e),
+                (true, Ok(result)) => frames::jsonrpc_result(id, &result),
+                (true, Err(e)) => frames::jsonrpc_error(id, &e),
+            };
         // The device's request budget (SPEC §7 v1.1, `budget.rs`).
         if let Err(e) = self
             .state

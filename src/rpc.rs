@@ -11,10 +11,9 @@ use std::future::Future;
 use std::sync::Arc;
 
 use jsonrpsee_core::server::{ConnectionId, Extensions, MethodCallback, Methods, RpcModule};
-use jsonrpsee_types::{ErrorObjectOwned, Id, Params};
+use jsonrpsee_types::{Id, Params};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
-use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::protocol::{ApiError, ErrorCode};
@@ -68,7 +67,10 @@ pub const SECRET_KEYS: &[&str] = &["api_key", "password", "token", "secret"];
 /// Params that are secrets for one action only, named by their path from
 /// the params object (a key such as `value` is a secret in `set_secret`,
 /// not in `update_config`, where only `[notify] url` is).
-pub fn action_secret_paths(action: &str, params: &Value) -> &'static [&'static [&'static str]] {
+pub fn action_secret_paths(
+    action: &str,
+    params: &Map<String, Value>,
+) -> &'static [&'static [&'static str]] {
     match action {
         "set_secret" => &[&["value"]],
         "update_config" if params.get("section").and_then(Value::as_str) == Some("notify") => {
@@ -86,7 +88,8 @@ pub fn mask_action_secrets(
     mask: &mut dyn FnMut(&Value) -> Value,
 ) -> Value {
     let mut out = params.clone();
-    for path in action_secret_paths(action, params) {
+    let empty = Map::new();
+    for path in action_secret_paths(action, params.as_object().unwrap_or(&empty)) {
         let mut slot = Some(&mut out);
         for k in path.iter() {
             slot = slot.and_then(|v| v.get_mut(*k));
@@ -98,16 +101,20 @@ pub fn mask_action_secrets(
     out
 }
 
-/// [`redact_secrets`] after [`mask_action_secrets`]: what the audit sees.
-pub fn redact_action_params(action: &str, params: &Value) -> Value {
-    let masked = mask_action_secrets(action, params, &mut |v| {
-        if v.is_null() {
-            Value::Null
-        } else {
-            Value::String("[redacted]".into())
+/// [`redact_secrets`] and [`action_secret_paths`] masked: what the audit
+/// sees. One copy of the params is made.
+pub fn redact_action_params(action: &str, params: &Map<String, Value>) -> Value {
+    let mut out = Value::Object(redact_map(params));
+    for path in action_secret_paths(action, params) {
+        let mut slot = Some(&mut out);
+        for k in path.iter() {
+            slot = slot.and_then(|v| v.get_mut(*k));
         }
-    });
-    redact_secrets(&masked)
+        if let Some(v) = slot.filter(|v| !v.is_null()) {
+            *v = Value::String("[redacted]".into());
+        }
+    }
+    out
 }
 
 /// A copy of `params` with every secret value replaced by `"[redacted]"`:
@@ -116,21 +123,23 @@ pub fn redact_action_params(action: &str, params: &Value) -> Value {
 /// as per-approval commitments instead (`approvals::commitment`).
 pub fn redact_secrets(v: &Value) -> Value {
     match v {
-        Value::Object(m) => Value::Object(
-            m.iter()
-                .map(|(k, v)| {
-                    let v = if SECRET_KEYS.contains(&k.as_str()) && !v.is_null() {
-                        Value::String("[redacted]".into())
-                    } else {
-                        redact_secrets(v)
-                    };
-                    (k.clone(), v)
-                })
-                .collect(),
-        ),
+        Value::Object(m) => Value::Object(redact_map(m)),
         Value::Array(a) => Value::Array(a.iter().map(redact_secrets).collect()),
         other => other.clone(),
     }
+}
+
+fn redact_map(m: &Map<String, Value>) -> Map<String, Value> {
+    m.iter()
+        .map(|(k, v)| {
+            let v = if SECRET_KEYS.contains(&k.as_str()) && !v.is_null() {
+                Value::String("[redacted]".into())
+            } else {
+                redact_secrets(v)
+            };
+            (k.clone(), v)
+        })
+        .collect()
 }
 
 /// An action without params: any param is refused.
@@ -170,11 +179,65 @@ impl Actions {
     }
 }
 
-/// Registers an action: `f(state, caller, params)`.
-pub fn register<P, F, Fut>(actions: &mut Actions, name: &'static str, f: F)
+/// Params as the frame carried them (an object without `action`), parsed
+/// once with the frame.
+pub type RawParams = Map<String, Value>;
+
+/// Parses an action's params from the frame's params object: no text is
+/// parsed again (a `Value` tree moves into the typed struct).
+pub fn params_from<P: DeserializeOwned>(raw: RawParams) -> Result<P, ApiError> {
+    P::deserialize(Value::Object(raw))
+        .map_err(|e| ApiError::invalid(format!("invalid params: {e}")))
+}
+
+/// [`params_from`] without giving up the params (a gated action shows them
+/// to the approver as well).
+pub fn params_from_ref<P: DeserializeOwned>(raw: &Value) -> Result<P, ApiError> {
+    P::deserialize(raw).map_err(|e| ApiError::invalid(format!("invalid params: {e}")))
+}
+
+/// One call's way in and out of the registry, through `Extensions`: the
+/// caller and the params go in, the handler's result comes out, as Rust
+/// values. jsonrpsee finds and runs the method; its own params text and
+/// JSON-RPC response are not used, so a request is parsed once (with its
+/// frame) and its result serialised once (into the outgoing frame), and an
+/// error never makes a round trip through a JSON-RPC error object.
+#[derive(Clone)]
+struct CallSlot(Arc<std::sync::Mutex<CallState>>);
+
+struct CallState {
+    input: Option<(Caller, RawParams)>,
+    output: Option<ActionResult>,
+}
+
+impl CallSlot {
+    fn new(caller: Caller, params: RawParams) -> CallSlot {
+        CallSlot(Arc::new(std::sync::Mutex::new(CallState {
+            input: Some((caller, params)),
+            output: None,
+        })))
+    }
+    fn lock(&self) -> std::sync::MutexGuard<'_, CallState> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    fn take_input(&self) -> Option<(Caller, RawParams)> {
+        self.lock().input.take()
+    }
+    fn put_output(&self, out: ActionResult) {
+        self.lock().output = Some(out);
+    }
+    fn take_output(&self) -> Option<ActionResult> {
+        self.lock().output.take()
+    }
+}
+
+/// Registers an action that takes its params as the frame carried them
+/// (`P` is their type, for `Registry::check_params`): `f(state, caller, raw)`.
+/// The building block of [`register`] and of the approval gate.
+pub fn register_raw<P, F, Fut>(actions: &mut Actions, name: &'static str, f: F)
 where
     P: DeserializeOwned + Send + 'static,
-    F: Fn(Arc<AppState>, Caller, P) -> Fut + Clone + Send + Sync + 'static,
+    F: Fn(Arc<AppState>, Caller, RawParams) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = ActionResult> + Send + 'static,
 {
     actions.add_check::<P>(name);
@@ -182,19 +245,34 @@ where
         .module
         .register_async_method(
             name,
-            move |params: Params<'static>, state: Arc<AppState>, ext: Extensions| {
+            move |_: Params<'static>, state: Arc<AppState>, ext: Extensions| {
                 let f = f.clone();
                 async move {
-                    let caller = ext
-                        .get::<Caller>()
-                        .cloned()
-                        .ok_or_else(|| ApiError::internal("no caller"))?;
-                    let p: P = parse_params(params.as_str())?;
-                    f(state, caller, p).await
+                    let Some(slot) = ext.get::<CallSlot>().cloned() else {
+                        return;
+                    };
+                    let Some((caller, params)) = slot.take_input() else {
+                        return;
+                    };
+                    let out = f(state, caller, params).await;
+                    slot.put_output(out);
                 }
             },
         )
         .unwrap_or_else(|e| panic!("action {name} registered twice: {e}"));
+}
+
+/// Registers an action: `f(state, caller, params)`.
+pub fn register<P, F, Fut>(actions: &mut Actions, name: &'static str, f: F)
+where
+    P: DeserializeOwned + Send + 'static,
+    F: Fn(Arc<AppState>, Caller, P) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = ActionResult> + Send + 'static,
+{
+    register_raw::<P, _, _>(actions, name, move |state, caller, raw| {
+        let f = f.clone();
+        async move { f(state, caller, params_from(raw)?).await }
+    });
 }
 
 /// The registry: every action, type-erased.
@@ -203,13 +281,6 @@ pub struct Registry {
     methods: Methods,
     checks: Arc<HashMap<&'static str, ParamsCheck>>,
     gated: Arc<std::collections::HashSet<&'static str>>,
-}
-
-#[derive(Deserialize)]
-struct RawOutput<'a> {
-    #[serde(borrow)]
-    result: Option<&'a RawValue>,
-    error: Option<ErrorObjectOwned>,
 }
 
 impl Registry {
@@ -252,7 +323,7 @@ impl Registry {
     }
 
     /// Runs `action` with `params` (an object without `action`) for `caller`,
-    /// and audits the outcome. Ok is the payload object's JSON text.
+    /// and audits the outcome. Ok is the payload object.
     ///
     /// Fails closed: an action not in [`READ_ONLY_ACTIONS`] runs only after
     /// the audit log proved writable ([`AppState::require_audit`]); else it
@@ -263,10 +334,9 @@ impl Registry {
         &self,
         state: &AppState,
         action: &str,
-        params: Map<String, Value>,
+        params: RawParams,
         caller: Caller,
-    ) -> Result<Box<RawValue>, ApiError> {
-        let params = Value::Object(params);
+    ) -> ActionResult {
         let redacted = redact_action_params(action, &params);
         let known = self.methods.method(action).is_some();
         let (audited_action, digest) = if known {
@@ -280,11 +350,11 @@ impl Registry {
         let device = caller.device_id.clone();
         let out = if known && !is_read_only(action) {
             match state.require_audit().await {
-                Ok(()) => self.invoke(action, &params, caller).await,
+                Ok(()) => self.invoke(action, params, caller).await,
                 Err(e) => Err(e),
             }
         } else {
-            self.invoke(action, &params, caller).await
+            self.invoke(action, params, caller).await
         };
         let outcome = match &out {
             Ok(_) => "ok",
@@ -296,36 +366,25 @@ impl Registry {
         out
     }
 
-    async fn invoke(
-        &self,
-        action: &str,
-        params: &Value,
-        caller: Caller,
-    ) -> Result<Box<RawValue>, ApiError> {
+    async fn invoke(&self, action: &str, params: RawParams, caller: Caller) -> ActionResult {
         let Some(MethodCallback::Async(cb)) = self.methods.method(action) else {
             return Err(ApiError::new(
                 ErrorCode::UnknownAction,
                 format!("unknown action {action:?}"),
             ));
         };
+        let slot = CallSlot::new(caller, params);
         let mut ext = Extensions::new();
-        ext.insert(caller);
-        let raw = params.to_string();
-        let resp = cb(
+        ext.insert(slot.clone());
+        cb(
             Id::Number(0),
-            Params::new(Some(&raw)).into_owned(),
+            Params::new(None),
             ConnectionId(0),
             usize::MAX,
             ext,
         )
         .await;
-        let json = resp.into_json();
-        let out: RawOutput<'_> = serde_json::from_str(json.get())
-            .map_err(|e| ApiError::internal(format!("bad handler output: {e}")))?;
-        match (out.result, out.error) {
-            (Some(r), None) => Ok(r.to_owned()),
-            (_, Some(e)) => Err(ApiError::from_error_object(&e)),
-            _ => Err(ApiError::internal("handler produced no result")),
-        }
+        slot.take_output()
+            .unwrap_or_else(|| Err(ApiError::internal("the action produced no result")))
     }
 }

@@ -150,37 +150,23 @@ pub fn register_gated_for_caller<P, Prep, PrepFut, Run, RunFut>(
     Run: Fn(Arc<AppState>, super::Approved<P>) -> RunFut + Clone + Send + Sync + 'static,
     RunFut: std::future::Future<Output = crate::rpc::ActionResult> + Send + 'static,
 {
-    use crate::rpc::{Caller, parse_params};
-    actions.add_check::<P>(name);
     actions.gated.insert(name);
-    actions
-        .module
-        .register_async_method(
-            name,
-            move |params: jsonrpsee_types::Params<'static>,
-                  state: Arc<AppState>,
-                  ext: jsonrpsee_core::server::Extensions| {
-                let (prepare, run) = (prepare.clone(), run.clone());
-                async move {
-                    let caller = ext
-                        .get::<Caller>()
-                        .cloned()
-                        .ok_or_else(|| ApiError::internal("no caller"))?;
-                    let raw: serde_json::Map<String, Value> = parse_params(params.as_str())?;
-                    let p: P = parse_params(params.as_str())?;
-                    let prepared = prepare(state.clone(), caller.clone(), p).await?;
-                    let approval_id =
-                        super::gate(&state, &caller, name, &raw, &prepared.summary, None).await?;
-                    run(
-                        state,
-                        super::Approved {
-                            params: prepared.params,
-                            approval_id,
-                        },
-                    )
-                    .await
-                }
-            },
-        )
-        .unwrap_or_else(|e| panic!("action {name} registered twice: {e}"));
+    crate::rpc::register_raw::<P, _, _>(actions, name, move |state, caller, raw| {
+        let (prepare, run) = (prepare.clone(), run.clone());
+        async move {
+            let raw = Value::Object(raw);
+            let p: P = crate::rpc::params_from_ref(&raw)?;
+            let prepared = prepare(state.clone(), caller.clone(), p).await?;
+            let approval_id =
+                super::gate(&state, &caller, name, &raw, &prepared.summary, None).await?;
+            run(
+                state,
+                super::Approved {
+                    params: prepared.params,
+                    approval_id,
+                },
+            )
+            .await
+        }
+    });
 }

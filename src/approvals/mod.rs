@@ -22,8 +22,6 @@ use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use jsonrpsee_core::server::Extensions;
-use jsonrpsee_types::Params;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
 use tokio::sync::Notify;
@@ -33,7 +31,7 @@ use crate::auth::keys::{APPROVAL_LABEL, ApprovalAlg, b64, random_bytes, signed_s
 use crate::auth::webauthn;
 use crate::protocol::frames;
 use crate::protocol::{ApiError, ErrorCode};
-use crate::rpc::{ActionResult, Caller, parse_params};
+use crate::rpc::{ActionResult, Caller, params_from_ref};
 use crate::sessions::SessionHandle;
 use crate::state::AppState;
 use crate::storage::audit::jcs_digest;
@@ -258,43 +256,32 @@ pub fn register_gated<P, G, Prep, PrepFut, Run, RunFut>(
     Run: Fn(Arc<AppState>, Approved<P>) -> RunFut + Clone + Send + Sync + 'static,
     RunFut: Future<Output = ActionResult> + Send + 'static,
 {
-    actions.add_check::<P>(name);
     actions.gated.insert(name);
-    actions
-        .module
-        .register_async_method(
-            name,
-            move |params: Params<'static>, state: Arc<AppState>, ext: Extensions| {
-                let (prepare, run) = (prepare.clone(), run.clone());
-                async move {
-                    let caller = ext
-                        .get::<Caller>()
-                        .cloned()
-                        .ok_or_else(|| ApiError::internal("no caller"))?;
-                    let raw: Map<String, Value> = parse_params(params.as_str())?;
-                    let p: P = parse_params(params.as_str())?;
-                    let request: GateRequest<P> = prepare(state.clone(), p).await?.into();
-                    let approval_id = gate(
-                        &state,
-                        &caller,
-                        name,
-                        &raw,
-                        &request.prepared.summary,
-                        request.barred_decider,
-                    )
-                    .await?;
-                    run(
-                        state,
-                        Approved {
-                            params: request.prepared.params,
-                            approval_id,
-                        },
-                    )
-                    .await
-                }
-            },
-        )
-        .unwrap_or_else(|e| panic!("action {name} registered twice: {e}"));
+    crate::rpc::register_raw::<P, _, _>(actions, name, move |state, caller, raw| {
+        let (prepare, run) = (prepare.clone(), run.clone());
+        async move {
+            let raw = Value::Object(raw);
+            let p: P = params_from_ref(&raw)?;
+            let request: GateRequest<P> = prepare(state.clone(), p).await?.into();
+            let approval_id = gate(
+                &state,
+                &caller,
+                name,
+                &raw,
+                &request.prepared.summary,
+                request.barred_decider,
+            )
+            .await?;
+            run(
+                state,
+                Approved {
+                    params: request.prepared.params,
+                    approval_id,
+                },
+            )
+            .await
+        }
+    });
 }
 
 /// Asks every session for an approval and waits for the decision.
@@ -303,7 +290,7 @@ async fn gate(
     state: &Arc<AppState>,
     caller: &Caller,
     action: &str,
-    raw: &Map<String, Value>,
+    raw: &Value,
     summary: &str,
     barred_decider: Option<String>,
 ) -> Result<String, ApiError> {
@@ -311,7 +298,7 @@ async fn gate(
     // gets; the key is never stored, and its only copy moves into that event.
     let (params, commitment_key) = {
         let key = CommitmentKey::generate();
-        let (params, committed) = commit_action_secrets(action, &Value::Object(raw.clone()), &key);
+        let (params, committed) = commit_action_secrets(action, raw, &key);
         (params, committed.then(|| key.to_b64()))
     };
     let (pending, request) = new_pending(

@@ -2,7 +2,7 @@
 //!
 //! Each builder returns the frame's JSON text, serialised once.
 
-use serde_json::value::RawValue;
+use serde::Serialize;
 use serde_json::{Value, json};
 
 use super::codes::{ApiError, AuthErrorCode, ErrorCode};
@@ -52,17 +52,37 @@ pub fn approval_error(code: ErrorCode, message: &str, approval_id: Option<&str>)
     v.to_string()
 }
 
-/// `{"type":"admin_response","request_id":..,"payload":<raw payload>}`.
-pub fn admin_response_raw(request_id: &str, payload: &RawValue) -> String {
-    let rid = serde_json::to_string(request_id).expect("a string serialises");
-    let p = payload.get();
-    let mut s = String::with_capacity(48 + rid.len() + p.len());
-    s.push_str(r#"{"type":"admin_response","request_id":"#);
-    s.push_str(&rid);
-    s.push_str(r#","payload":"#);
-    s.push_str(p);
-    s.push('}');
-    s
+/// `{"type":"admin_response","request_id":..,"payload":..}`, serialised once.
+pub fn admin_response(request_id: &str, payload: &Value) -> String {
+    #[derive(Serialize)]
+    struct AdminResponse<'a> {
+        #[serde(rename = "type")]
+        kind: &'static str,
+        request_id: &'a str,
+        payload: &'a Value,
+    }
+    serde_json::to_string(&AdminResponse {
+        kind: "admin_response",
+        request_id,
+        payload,
+    })
+    .expect("a JSON value serialises")
+}
+
+/// `{"jsonrpc":"2.0","id":..,"result":..}`, serialised once.
+pub fn jsonrpc_result(id: &Value, result: &Value) -> String {
+    #[derive(Serialize)]
+    struct JsonRpcResult<'a> {
+        jsonrpc: &'static str,
+        id: &'a Value,
+        result: &'a Value,
+    }
+    serde_json::to_string(&JsonRpcResult {
+        jsonrpc: "2.0",
+        id,
+        result,
+    })
+    .expect("a JSON value serialises")
 }
 
 pub fn admin_error(request_id: &str, err: &ApiError) -> String {
