@@ -8,7 +8,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{TestServer, assert_error, audit_now};
+use common::{TestServer, assert_error, audit_now, is_revoked};
 use hmac::{Hmac, Mac};
 use mobile_client_sim::{Client, ClientError, Origin, proto};
 use serde_json::{Value, json};
@@ -73,7 +73,7 @@ async fn result_for(c: &Client, approval_id: &Value) -> Value {
 }
 
 /// Sends `action` with `rid` from a task; its final payload arrives later.
-fn spawn_request(
+fn spawn_request_with_id(
     c: &Arc<Client>,
     rid: &str,
     action: &str,
@@ -131,18 +131,6 @@ async fn interval_now(c: &Client) -> u64 {
         .unwrap()
 }
 
-async fn revoked(c: &Client, device: &str) -> bool {
-    let d = c.request("list_devices", json!({})).await.unwrap();
-    d["devices"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|x| x["device_id"] == device)
-        .unwrap()["revoked"]
-        .as_bool()
-        .unwrap()
-}
-
 // ------------------------------------------------------ 1. commitments
 
 #[tokio::test]
@@ -152,9 +140,9 @@ async fn secrets_are_committed_per_approval_and_k_reaches_only_the_requester() {
     let a = Arc::new(a);
     let (b, _bid) = s.phone("other-phone").await;
 
-    let first = spawn_request(&a, "rid-1", "update_config", llm_key(SECRET_1));
+    let first = spawn_request_with_id(&a, "rid-1", "update_config", llm_key(SECRET_1));
     let (p1, r1) = requested(&a, "rid-1").await;
-    let second = spawn_request(&a, "rid-2", "update_config", llm_key(SECRET_2));
+    let second = spawn_request_with_id(&a, "rid-2", "update_config", llm_key(SECRET_2));
     let (p2, r2) = requested(&a, "rid-2").await;
 
     // Different secrets, different digests; each digest is over params as sent.
@@ -179,7 +167,7 @@ async fn secrets_are_committed_per_approval_and_k_reaches_only_the_requester() {
         "K is fresh per approval"
     );
     // A request without a secret carries no key; an empty secret is shown as "".
-    let third = spawn_request(&a, "rid-3", "update_config", llm_key(""));
+    let third = spawn_request_with_id(&a, "rid-3", "update_config", llm_key(""));
     let (p3, r3) = requested(&a, "rid-3").await;
     assert!(p3["data"].get("commitment_key").is_none(), "{p3}");
     assert_eq!(r3["params"]["value"]["api_key"], "");
@@ -200,7 +188,7 @@ async fn secrets_are_committed_per_approval_and_k_reaches_only_the_requester() {
     assert_error(&second.await.unwrap().unwrap(), "approval_denied");
     a.answer_approval(&aid, &r3, "deny").await.unwrap();
     assert_error(&third.await.unwrap().unwrap(), "approval_denied");
-    let config = std::fs::read_to_string(s.path().join("config.toml")).unwrap();
+    let config = s.config_text();
     assert!(config.contains(SECRET_1), "the approved secret landed");
 
     // Everything the other phone received, up to the last result.
@@ -274,7 +262,7 @@ async fn the_sim_refuses_to_approve_a_commitment_to_another_secret() {
     let s = TestServer::start().await;
     let (a, aid) = s.phone("requester").await;
     let a = Arc::new(a);
-    let call = spawn_request(&a, "r-secret", "update_config", llm_key(SECRET_1));
+    let call = spawn_request_with_id(&a, "r-secret", "update_config", llm_key(SECRET_1));
     let (pending, genuine) = requested(&a, "r-secret").await;
     let k = proto::unb64(pending["data"]["commitment_key"].as_str().unwrap()).unwrap();
     assert_eq!(a.approval(&genuine).await.origin, Origin::ThisSession);
@@ -327,11 +315,11 @@ async fn own_approvals_are_matched_by_approval_id_not_request_id() {
 
     // Session two asks first with request_id "same"; its approval_request
     // reaches session one's socket before session one asks anything.
-    let two_call = spawn_request(&two, "same", "update_config", interval(9));
+    let two_call = spawn_request_with_id(&two, "same", "update_config", interval(9));
     let two_own = two.own_approval("same", T).await.unwrap();
     assert_eq!(two_own.origin, Origin::ThisSession);
     // Session one asks with the same request_id: it must pick its own.
-    let one_call = spawn_request(&one, "same", "update_config", interval(7));
+    let one_call = spawn_request_with_id(&one, "same", "update_config", interval(7));
     let one_own = one.own_approval("same", T).await.unwrap();
     assert_ne!(one_own.approval_id, two_own.approval_id);
     assert_eq!(one_own.origin, Origin::ThisSession);
@@ -368,7 +356,7 @@ async fn the_revoked_device_cannot_stop_its_own_revocation() {
     let (owner, oid) = s.phone("owner").await;
     let owner = Arc::new(owner);
     let (victim, vid) = s.phone("victim").await;
-    let call = spawn_request(
+    let call = spawn_request_with_id(
         &owner,
         "revoke",
         "revoke_device",
@@ -390,7 +378,7 @@ async fn the_revoked_device_cannot_stop_its_own_revocation() {
     owner.answer_approval(&oid, &req, "approve").await.unwrap();
     assert_eq!(call.await.unwrap().unwrap()["result"], "success");
     assert_eq!(victim.closed().await.unwrap().0, 4403);
-    assert!(revoked(&owner, &vid.device_id()).await);
+    assert!(is_revoked(&owner, &vid.device_id()).await);
     let log = audit_now(&s).await;
     let forbidden = log
         .iter()
@@ -413,10 +401,10 @@ async fn revoking_a_device_expires_its_pending_requests_and_they_never_run() {
     let victim = Arc::new(victim);
     let before = interval_now(&owner).await;
 
-    let victims = spawn_request(&victim, "v1", "update_config", interval(before + 11));
+    let victims = spawn_request_with_id(&victim, "v1", "update_config", interval(before + 11));
     let vp = pending_event(&victim, "v1").await;
     let vreq = request_for(&owner, &vp["data"]["approval_id"]).await;
-    let call = spawn_request(
+    let call = spawn_request_with_id(
         &owner,
         "revoke",
         "revoke_device",
@@ -474,7 +462,7 @@ async fn a_cli_revocation_expires_pending_requests_within_5_s() {
     let (victim, vid) = s.phone("victim").await;
     let victim = Arc::new(victim);
     let before = interval_now(&owner).await;
-    let _victims = spawn_request(&victim, "v1", "update_config", interval(before + 3));
+    let _victims = spawn_request_with_id(&victim, "v1", "update_config", interval(before + 3));
     let vp = pending_event(&victim, "v1").await;
     let vreq = request_for(&owner, &vp["data"]["approval_id"]).await;
     // The victim's socket goes away too: the server must still notice.
@@ -521,7 +509,12 @@ async fn the_17th_pending_approval_of_a_device_is_busy_while_others_still_can_as
     let mut ids = Vec::new();
     for i in 0..16u64 {
         let rid = format!("a{i}");
-        calls.push(spawn_request(&a, &rid, "update_config", interval(100 + i)));
+        calls.push(spawn_request_with_id(
+            &a,
+            &rid,
+            "update_config",
+            interval(100 + i),
+        ));
         ids.push(requested(&a, &rid).await.1);
     }
     let busy = a
@@ -532,7 +525,7 @@ async fn the_17th_pending_approval_of_a_device_is_busy_while_others_still_can_as
     let retry = busy["retry_after_ms"].as_u64().unwrap();
     assert!((1..=120_000).contains(&retry), "{busy}");
     // Another device still can.
-    let _b_call = spawn_request(&b, "b0", "update_config", interval(300));
+    let _b_call = spawn_request_with_id(&b, "b0", "update_config", interval(300));
     pending_event(&b, "b0").await;
     assert_eq!(list_ids(&a).await.len(), 17, "no approval for the 17th");
     let requested = audit_now(&s)
@@ -544,7 +537,7 @@ async fn the_17th_pending_approval_of_a_device_is_busy_while_others_still_can_as
     // Once one is decided the device may ask again.
     a.answer_approval(&aid, &ids[0], "deny").await.unwrap();
     assert_error(&calls.remove(0).await.unwrap().unwrap(), "approval_denied");
-    let _again = spawn_request(&a, "a17", "update_config", interval(201));
+    let _again = spawn_request_with_id(&a, "a17", "update_config", interval(201));
     pending_event(&a, "a17").await;
 }
 

@@ -4,18 +4,14 @@ mod common;
 
 use std::time::Duration;
 
-use common::{TestServer, assert_error, audit_now};
+use common::{
+    TestServer, assert_error, audit_now, is_revoked, next_approval_request, spawn_request,
+};
 use mobile_client_sim::client::approval_response;
 use mobile_client_sim::{ApprovalAlg, Client, Identity, proto};
 use serde_json::{Value, json};
 
 const T: Duration = Duration::from_secs(10);
-
-async fn approval_request(c: &Client) -> Value {
-    c.wait_event(T, |f| f["type"] == "approval_request")
-        .await
-        .unwrap()
-}
 
 async fn error_frame(c: &Client) -> Value {
     c.wait_event(T, |f| f["type"] == "error").await.unwrap()
@@ -34,25 +30,9 @@ async fn setup(s: &TestServer) -> (std::sync::Arc<Client>, Identity, Client, Ide
     (std::sync::Arc::new(owner), oid, victim, vid)
 }
 
+/// `revoke_device` of `device` from a task; it waits for its approval.
 fn spawn_revoke(c: &std::sync::Arc<Client>, device: &str) -> tokio::task::JoinHandle<Value> {
-    let (c, d) = (c.clone(), device.to_string());
-    tokio::spawn(async move {
-        c.request("revoke_device", json!({"device_id": d}))
-            .await
-            .unwrap()
-    })
-}
-
-async fn revoked(c: &Client, device: &str) -> bool {
-    let d = c.request("list_devices", json!({})).await.unwrap();
-    d["devices"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|x| x["device_id"] == device)
-        .unwrap()["revoked"]
-        .as_bool()
-        .unwrap()
+    spawn_request(c, "revoke_device", json!({"device_id": device}))
 }
 
 #[tokio::test]
@@ -60,13 +40,13 @@ async fn approve_runs_the_action_once() {
     let s = TestServer::start().await;
     let (owner, oid, victim, vid) = setup(&s).await;
     let pending = spawn_revoke(&owner, &vid.device_id());
-    let req = approval_request(&owner).await;
+    let req = next_approval_request(&owner).await;
     let ev = owner.wait_event(T, |f| f["type"] == "event").await.unwrap();
     assert_eq!(ev["event"], "approval_pending");
     assert_eq!(ev["data"]["approval_id"], req["approval_id"]);
     assert_eq!(ev["data"]["expires_at"], req["expires_at"]);
     // Every session got it, including the victim's.
-    let vreq = approval_request(&victim).await;
+    let vreq = next_approval_request(&victim).await;
     assert_eq!(vreq["approval_id"], req["approval_id"]);
     assert_eq!(req["action"], "revoke_device");
     assert_eq!(req["origin_device_id"], oid.device_id());
@@ -87,7 +67,7 @@ async fn approve_runs_the_action_once() {
     expected.as_object_mut().unwrap().remove("type");
     assert_eq!(listed["approvals"], json!([expected]));
     assert!(
-        !revoked(&owner, &vid.device_id()).await,
+        !is_revoked(&owner, &vid.device_id()).await,
         "nothing ran before approval"
     );
 
@@ -100,7 +80,7 @@ async fn approve_runs_the_action_once() {
         4403,
         "revoked sessions are closed at once"
     );
-    assert!(revoked(&owner, &vid.device_id()).await);
+    assert!(is_revoked(&owner, &vid.device_id()).await);
 
     // Replaying the used response changes nothing.
     owner
@@ -138,11 +118,11 @@ async fn deny_changes_nothing() {
     let s = TestServer::start().await;
     let (owner, oid, _victim, vid) = setup(&s).await;
     let pending = spawn_revoke(&owner, &vid.device_id());
-    let req = approval_request(&owner).await;
+    let req = next_approval_request(&owner).await;
     owner.answer_approval(&oid, &req, "deny").await.unwrap();
     assert_error(&pending.await.unwrap(), "approval_denied");
     assert_eq!(result_frame(&owner).await["status"], "denied");
-    assert!(!revoked(&owner, &vid.device_id()).await);
+    assert!(!is_revoked(&owner, &vid.device_id()).await);
     let log = audit_now(&s).await;
     assert!(
         log.iter()
@@ -159,13 +139,13 @@ async fn expiry_denies_and_a_late_answer_is_not_found() {
     let s = TestServer::start_with_config("[approvals]\ntimeout_secs = 30\n").await;
     let (owner, oid, _victim, vid) = setup(&s).await;
     let pending = spawn_revoke(&owner, &vid.device_id());
-    let req = approval_request(&owner).await;
+    let req = next_approval_request(&owner).await;
     tokio::time::advance(Duration::from_secs(31)).await;
     assert_error(&pending.await.unwrap(), "approval_expired");
     assert_eq!(result_frame(&owner).await["status"], "expired");
     owner.answer_approval(&oid, &req, "approve").await.unwrap();
     assert_eq!(error_frame(&owner).await["code"], "not_found");
-    assert!(!revoked(&owner, &vid.device_id()).await);
+    assert!(!is_revoked(&owner, &vid.device_id()).await);
     assert!(
         audit_now(&s)
             .await
@@ -180,7 +160,7 @@ async fn substituted_signatures_are_refused_and_the_request_stays_pending() {
     let (owner, oid, victim, vid) = setup(&s).await;
     let (third, tid) = s.phone("third").await;
     let first = spawn_revoke(&owner, &vid.device_id());
-    let r1 = approval_request(&owner).await;
+    let r1 = next_approval_request(&owner).await;
     let second = spawn_revoke(&owner, &tid.device_id());
     let r2 = owner
         .wait_event(T, |f| {
@@ -247,8 +227,8 @@ async fn substituted_signatures_are_refused_and_the_request_stays_pending() {
     assert_error(&first.await.unwrap(), "approval_denied");
     owner.answer_approval(&oid, &r2, "approve").await.unwrap();
     assert_eq!(second.await.unwrap()["result"], "success");
-    assert!(!revoked(&owner, &vid.device_id()).await);
-    assert!(revoked(&owner, &tid.device_id()).await);
+    assert!(!is_revoked(&owner, &vid.device_id()).await);
+    assert!(is_revoked(&owner, &tid.device_id()).await);
     drop((victim, third));
     assert!(
         audit_now(&s)
@@ -270,7 +250,7 @@ async fn foreign_revoked_and_malformed_answers_change_nothing() {
         .blocking(|c| secrets_agent::storage::devices::revoke_device(c, &gid.device_id()))
         .unwrap();
     let pending = spawn_revoke(&owner, &vid.device_id());
-    let req = approval_request(&owner).await;
+    let req = next_approval_request(&owner).await;
 
     let stranger = Identity::generate("stranger", ApprovalAlg::Ed25519);
     owner
@@ -321,7 +301,7 @@ async fn foreign_revoked_and_malformed_answers_change_nothing() {
             .len(),
         1
     );
-    assert!(!revoked(&owner, &vid.device_id()).await);
+    assert!(!is_revoked(&owner, &vid.device_id()).await);
     // The device to be revoked cannot decide its own revocation (SPEC §8
     // Limits, v1.1): its answer is forbidden and changes nothing.
     victim.answer_approval(&vid, &req, "deny").await.unwrap();
@@ -340,7 +320,7 @@ async fn two_phones_answering_at_once_make_one_decision() {
     let (owner, oid, _victim, vid) = setup(&s).await;
     let (other, other_id) = s.phone("tablet").await;
     let pending = spawn_revoke(&owner, &vid.device_id());
-    let req = approval_request(&owner).await;
+    let req = next_approval_request(&owner).await;
     let a = approval_response(&oid, &req, "approve").to_string();
     let b = approval_response(&other_id, &req, "deny").to_string();
     let (ra, rb) = tokio::join!(owner.send_raw(a), other.send_raw(b));
@@ -381,9 +361,9 @@ async fn a_device_connecting_later_receives_the_request_and_approves_it() {
     let (phone, pid) = s.phone("phone-in-pocket").await;
     phone.close().await;
     let pending = spawn_revoke(&owner, &vid.device_id());
-    let req = approval_request(&owner).await;
+    let req = next_approval_request(&owner).await;
     let (phone, _) = s.connect(&pid).await;
-    let got = approval_request(&phone).await;
+    let got = next_approval_request(&phone).await;
     assert_eq!(got, req);
     phone.answer_approval(&pid, &got, "approve").await.unwrap();
     assert_eq!(pending.await.unwrap()["result"], "success");
@@ -395,7 +375,7 @@ async fn the_approval_outlives_the_requesters_connection() {
     let (owner, _oid, _victim, vid) = setup(&s).await;
     let (approver, aid) = s.phone("approver").await;
     let _pending = spawn_revoke(&owner, &vid.device_id());
-    let req = approval_request(&approver).await;
+    let req = next_approval_request(&approver).await;
     owner.close().await;
     owner.closed().await;
     approver
@@ -404,7 +384,7 @@ async fn the_approval_outlives_the_requesters_connection() {
         .unwrap();
     assert_eq!(result_frame(&approver).await["status"], "approved");
     assert!(
-        revoked(&approver, &vid.device_id()).await,
+        is_revoked(&approver, &vid.device_id()).await,
         "the action ran after the requester left"
     );
 }
@@ -419,7 +399,7 @@ async fn es256_end_to_end_and_no_algorithm_confusion() {
 
     // An Ed25519 signature where ES256 is expected.
     let pending = spawn_revoke(&owner, &v2id.device_id());
-    let req = approval_request(&owner).await;
+    let req = next_approval_request(&owner).await;
     let ed = Identity::generate("ed", ApprovalAlg::Ed25519);
     let mut forged = approval_response(&ed, &req, "approve");
     forged["device_id"] = json!(oid.device_id());
@@ -434,7 +414,7 @@ async fn es256_end_to_end_and_no_algorithm_confusion() {
     // The real ES256 approval works.
     owner.answer_approval(&oid, &req, "approve").await.unwrap();
     assert_eq!(pending.await.unwrap()["result"], "success");
-    assert!(revoked(&owner, &v2id.device_id()).await);
+    assert!(is_revoked(&owner, &v2id.device_id()).await);
 }
 
 #[tokio::test]
@@ -442,7 +422,7 @@ async fn pending_approvals_expire_across_a_restart_and_never_run() {
     let mut s = TestServer::start().await;
     let (owner, _oid, _victim, vid) = setup(&s).await;
     let pending = spawn_revoke(&owner, &vid.device_id());
-    let req = approval_request(&owner).await;
+    let req = next_approval_request(&owner).await;
     s.restart().await;
     let resp = pending.await.unwrap();
     assert_error(&resp, "unavailable");
@@ -453,7 +433,7 @@ async fn pending_approvals_expire_across_a_restart_and_never_run() {
             .unwrap()
             .is_empty()
     );
-    assert!(!revoked(&c, &vid.device_id()).await);
+    assert!(!is_revoked(&c, &vid.device_id()).await);
     let log = audit_now(&s).await;
     assert!(log.iter().any(|r| r["outcome"] == "expired_on_restart" && r["approval_id"] == req["approval_id"]));
 }

@@ -5,26 +5,21 @@
 
 mod common;
 
-use std::path::Path;
-
-use common::{TestServer, assert_audit_verifies, assert_error, audit_now};
+use common::{
+    TestServer, assert_audit_verifies, assert_error, audit_now, next_approval_request,
+    spawn_request, write_file,
+};
 use secrets_agent::storage::audit::jcs_digest;
 use serde_json::{Value, json};
 
-fn write(dir: &Path, rel: &str, text: &str) {
-    let p = dir.join(rel);
-    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-    std::fs::write(p, text).unwrap();
-}
-
 async fn server_with_plugin_and_model() -> TestServer {
     let dir = tempfile::tempdir().unwrap();
-    write(
+    write_file(
         dir.path(),
         "plugins/hello/plugin.toml",
         "name = \"hello-plugin\"\nversion = \"1.0\"\nplugin_type = \"tool\"\ncapabilities = [\"greet\"]\n",
     );
-    write(dir.path(), "config.toml", &common::model_config());
+    write_file(dir.path(), "config.toml", &common::model_config());
     TestServer::start_in_dir(dir).await
 }
 
@@ -170,22 +165,13 @@ async fn an_action_approved_while_the_log_breaks_does_not_run() {
     let s = TestServer::start().await;
     let (c, id) = s.phone("p").await;
     let c = std::sync::Arc::new(c);
-    let before = std::fs::read_to_string(s.path().join("config.toml")).unwrap();
-    let c2 = c.clone();
-    let h = tokio::spawn(async move {
-        c2.request(
-            "update_config",
-            json!({"section": "approvals", "value": {"timeout_secs": 61}}),
-        )
-        .await
-        .unwrap()
-    });
-    let req = c
-        .wait_event(std::time::Duration::from_secs(10), |f| {
-            f["type"] == "approval_request"
-        })
-        .await
-        .unwrap();
+    let before = s.config_text();
+    let h = spawn_request(
+        &c,
+        "update_config",
+        json!({"section": "approvals", "value": {"timeout_secs": 61}}),
+    );
+    let req = next_approval_request(&c).await;
     // The log breaks while the phone decides.
     audit_now(&s).await;
     let audit = s.path().join("audit");
@@ -195,7 +181,7 @@ async fn an_action_approved_while_the_log_breaks_does_not_run() {
     let r = h.await.unwrap();
     assert_eq!(r["code"], "unavailable", "{r}");
     assert_eq!(
-        std::fs::read_to_string(s.path().join("config.toml")).unwrap(),
+        s.config_text(),
         before,
         "the approved change did not run unrecorded"
     );

@@ -9,11 +9,13 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{TestServer, assert_audit_verifies, audit_now, audit_records, audit_segments, bin};
+use common::{
+    TestServer, approval_round_trip, assert_audit_verifies, audit_now, audit_records,
+    audit_segments, pair_json,
+};
 use secrets_agent::storage::audit::{PRUNED_ACTION, parse_segment_name, pruned_names};
 use serde_json::{Value, json};
 
@@ -346,16 +348,7 @@ async fn the_cli_writing_while_the_server_rotates_loses_nothing() {
             let dir = dir.clone();
             handles.push(std::thread::spawn(move || {
                 for _ in 0..CLI_RUNS / 4 {
-                    let out = Command::new(bin())
-                        .args(["pair", "--json", "--data-dir"])
-                        .arg(&dir)
-                        .output()
-                        .unwrap();
-                    assert!(
-                        out.status.success(),
-                        "{}",
-                        String::from_utf8_lossy(&out.stderr)
-                    );
+                    pair_json(&dir);
                 }
             }));
         }
@@ -450,21 +443,11 @@ async fn update_config_changes_rotation_and_retention_live() {
             .unwrap();
         common::assert_error(&r, "invalid_request");
     }
-    let c2 = c.clone();
-    let h = tokio::spawn(async move {
-        let value = json!({"segment_bytes": 1024, "max_bytes": 4096, "keep_days": 30});
-        c2.request("update_config", json!({"section": "audit", "value": value}))
-            .await
-            .unwrap()
-    });
-    let req = c
-        .wait_event(T, |f| f["type"] == "approval_request")
-        .await
-        .unwrap();
-    c.answer_approval(&id, &req, "approve").await.unwrap();
-    let r = h.await.unwrap();
+    let value = json!({"segment_bytes": 1024, "max_bytes": 4096, "keep_days": 30});
+    let params = json!({"section": "audit", "value": value});
+    let (r, _) = approval_round_trip(&c, &id, "update_config", params, "approve").await;
     assert_eq!(r["result"], "success", "{r}");
-    let text = std::fs::read_to_string(s.path().join("config.toml")).unwrap();
+    let text = s.config_text();
     assert!(text.contains("segment_bytes = 1024"), "{text}");
     assert!(
         text.contains("# A segment (audit.jsonl) is closed"),

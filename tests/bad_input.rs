@@ -12,9 +12,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// An authenticated raw session and the device's id.
 async fn session(s: &TestServer) -> (RawConn, String) {
-    let (c, id) = s.phone("catalogue").await;
-    c.close().await;
-    (s.raw_authed(&id).await, id.device_id())
+    let (r, id) = s.raw_session("catalogue").await;
+    (r, id.device_id())
 }
 
 /// The session still answers, and the paired device is still there.
@@ -293,9 +292,7 @@ async fn flood_beyond_the_rate_limit() {
     let from: std::net::IpAddr = "127.0.0.5".parse().unwrap();
     let mut limited = None;
     for _ in 0..20 {
-        let mut r = RawConn::connect_from(&s.url, None, Some(from))
-            .await
-            .unwrap();
+        let mut r = s.raw_from(from).await;
         let _ = r.recv_frame().await.unwrap();
         r.send_text("flood").await.unwrap();
         let f = r.recv_frame().await.unwrap();

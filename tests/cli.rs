@@ -2,53 +2,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 
-use common::bin;
+use common::{bin, serve};
 use mobile_client_sim::client::{self, Endpoint};
 use mobile_client_sim::{ApprovalAlg, Identity};
 use serde_json::{Value, json};
-
-/// Starts `secrets-agent serve` on a free port; returns the child and the
-/// pairing code and url it printed.
-fn serve(dir: &std::path::Path) -> (Child, Option<String>, String) {
-    let mut child = Command::new(bin())
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir)
-        .env("SECRETS_AGENT_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
-    let first = lines.next().expect("serve prints a line").unwrap();
-    let (code, url) =
-        if let Some(rest) = first.strip_prefix("No device is paired yet. Pairing code: ") {
-            let code = rest.split_whitespace().next().unwrap().to_string();
-            let _key = lines.next().unwrap().unwrap();
-            let url = lines
-                .next()
-                .unwrap()
-                .unwrap()
-                .trim()
-                .strip_prefix("url: ")
-                .unwrap()
-                .to_string();
-            (Some(code), url)
-        } else {
-            (
-                None,
-                first
-                    .trim()
-                    .strip_prefix("listening on ")
-                    .unwrap()
-                    .to_string(),
-            )
-        };
-    (child, code, url)
-}
 
 fn sigterm(child: &Child) {
     let ok = Command::new("kill")
@@ -61,7 +20,7 @@ fn sigterm(child: &Child) {
 #[tokio::test]
 async fn serve_pair_sigterm_with_requests_in_flight_then_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut child, code, url) = serve(dir.path());
+    let (mut child, url, code) = serve(dir.path());
     let code = code.expect("a pairing code is printed when no device is paired");
     let key = std::fs::read(dir.path().join("server.key")).unwrap();
     assert_eq!(key.len(), 32);
@@ -130,7 +89,7 @@ async fn serve_pair_sigterm_with_requests_in_flight_then_restart() {
 
     // Nothing corrupted: the audit chain verifies and the next start works.
     common::assert_audit_verifies(dir.path());
-    let (mut child, code, url) = serve(dir.path());
+    let (mut child, url, code) = serve(dir.path());
     assert!(code.is_none(), "a device is paired: no code printed");
     let (c, _) = client::auth(&Endpoint::new(url), &id).await.unwrap();
     let devs = c.request("list_devices", json!({})).await.unwrap();

@@ -3,42 +3,18 @@
 
 mod common;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
-use common::{TestServer, assert_error, audit_now};
+use common::{
+    TestServer, approval_round_trip, assert_error, audit_now, capture_logs, logged,
+    next_approval_request, spawn_request,
+};
 use mobile_client_sim::{Client, Identity};
 use serde_json::{Value, json};
 
 const T: Duration = Duration::from_secs(10);
 const SECRET: &str = "sk-live-TOPSECRET-4242";
-
-/// Everything the server logs in this test binary.
-fn log_buffer() -> Arc<Mutex<Vec<u8>>> {
-    static BUF: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
-    BUF.get_or_init(|| {
-        let buf = Arc::new(Mutex::new(Vec::new()));
-        let b = buf.clone();
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(secrets_agent::logging::filter("trace"))
-            .with_writer(move || LogWriter(b.clone()))
-            .try_init();
-        buf
-    })
-    .clone()
-}
-
-struct LogWriter(Arc<Mutex<Vec<u8>>>);
-impl Write for LogWriter {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 /// Sends a gated update and answers its approval with `decision`; returns
 /// the final payload and the approval request.
@@ -49,23 +25,8 @@ async fn update(
     value: Value,
     decision: &str,
 ) -> (Value, Value) {
-    let c2 = c.clone();
-    let (section, v2) = (section.to_string(), value.clone());
-    let h = tokio::spawn(async move {
-        c2.request("update_config", json!({"section": section, "value": v2}))
-            .await
-            .unwrap()
-    });
-    let req = c
-        .wait_event(T, |f| f["type"] == "approval_request")
-        .await
-        .unwrap();
-    c.answer_approval(id, &req, decision).await.unwrap();
-    (h.await.unwrap(), req)
-}
-
-fn config_text(s: &TestServer) -> String {
-    std::fs::read_to_string(s.path().join("config.toml")).unwrap()
+    let params = json!({"section": section, "value": value});
+    approval_round_trip(c, id, "update_config", params, decision).await
 }
 
 #[tokio::test]
@@ -81,7 +42,7 @@ async fn approved_update_is_visible_persisted_commented_and_live() {
             .unwrap()
             .contains("timeout_secs = 45")
     );
-    let text = config_text(&s);
+    let text = s.config_text();
     assert!(text.contains("timeout_secs = 45"), "{text}");
     assert!(
         text.contains("# Seconds a biometric approval request waits"),
@@ -106,19 +67,12 @@ async fn approved_update_is_visible_persisted_commented_and_live() {
     assert_eq!(cfg["scheduler_enabled"], false);
 
     // Behaviour: the next approval uses the new 45 s timeout.
-    let c2 = c.clone();
-    let h = tokio::spawn(async move {
-        c2.request(
-            "update_config",
-            json!({"section": "llm", "value": {"model": "m2"}}),
-        )
-        .await
-        .unwrap()
-    });
-    let req = c
-        .wait_event(T, |f| f["type"] == "approval_request")
-        .await
-        .unwrap();
+    let h = spawn_request(
+        &c,
+        "update_config",
+        json!({"section": "llm", "value": {"model": "m2"}}),
+    );
+    let req = next_approval_request(&c).await;
     let ev = c.wait_event(T, |f| f["type"] == "event").await.unwrap();
     let now = ev["data"]["expires_at"].as_i64().unwrap();
     assert_eq!(req["expires_at"].as_i64().unwrap(), now);
@@ -131,7 +85,7 @@ async fn approved_update_is_visible_persisted_commented_and_live() {
     c.answer_approval(&id, &req, "deny").await.unwrap();
     assert_error(&h.await.unwrap(), "approval_denied");
     assert!(
-        !config_text(&s).contains("m2"),
+        !s.config_text().contains("m2"),
         "a denied update changes nothing"
     );
 
@@ -149,7 +103,7 @@ async fn invalid_updates_are_refused_before_any_prompt() {
     let s = TestServer::start().await;
     let (c, id) = s.phone("owner").await;
     let c = Arc::new(c);
-    let before = config_text(&s);
+    let before = s.config_text();
     let cases = [
         (
             json!({"section": "server", "value": {"listen": "0.0.0.0:1"}}),
@@ -230,7 +184,7 @@ async fn invalid_updates_are_refused_before_any_prompt() {
         "the first prompt is the valid update"
     );
     assert_eq!(resp["result"], "success");
-    let after = config_text(&s);
+    let after = s.config_text();
     assert_eq!(
         after.replace("model = \"valid\"", "model = \"claude-sonnet-4-5\""),
         before,
@@ -240,7 +194,7 @@ async fn invalid_updates_are_refused_before_any_prompt() {
 
 #[tokio::test]
 async fn secrets_never_leave_the_server() {
-    let logs = log_buffer();
+    capture_logs();
     let s = TestServer::start_with_config(&format!(
         "[llm]\nprovider = \"anthropic\"\nmodel = \"m\"\napi_key = \"{SECRET}-old\"\n"
     ))
@@ -275,7 +229,7 @@ async fn secrets_never_leave_the_server() {
         frames.push(ev);
     }
     assert!(
-        config_text(&s).contains(SECRET),
+        s.config_text().contains(SECRET),
         "the secret is stored where it belongs"
     );
     for f in &frames {
@@ -290,7 +244,7 @@ async fn secrets_never_leave_the_server() {
         !serde_json::to_string(&audit).unwrap().contains("TOPSECRET"),
         "secret in the audit log"
     );
-    let logged = String::from_utf8_lossy(&logs.lock().unwrap()).to_string();
+    let logged = logged();
     assert!(
         logged.contains("configuration updated"),
         "the log was captured"
@@ -306,11 +260,11 @@ async fn a_crash_at_rename_leaves_the_old_file() {
     let s = TestServer::start().await;
     let (c, id) = s.phone("owner").await;
     let c = Arc::new(c);
-    let before = config_text(&s);
+    let before = s.config_text();
     secrets_agent::config_file::fail_next_rename_for_tests(&s.path().join("config.toml"));
     let (resp, _) = update(&c, &id, "approvals", json!({"timeout_secs": 99}), "approve").await;
     assert_error(&resp, "internal");
-    assert_eq!(config_text(&s), before, "old file intact");
+    assert_eq!(s.config_text(), before, "old file intact");
     let leftovers: Vec<_> = std::fs::read_dir(s.path())
         .unwrap()
         .filter_map(|e| e.ok())

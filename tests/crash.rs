@@ -6,46 +6,14 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::bin;
+use common::{bin, pair_json, serve};
 use mobile_client_sim::client::{self, Endpoint};
 use mobile_client_sim::{ApprovalAlg, Client, Identity};
 use serde_json::{Value, json};
-
-/// Starts the binary; returns the child, the url and a pairing code if one was printed.
-fn serve(dir: &std::path::Path) -> (Child, String, Option<String>) {
-    let mut child = Command::new(bin())
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir)
-        .env("SECRETS_AGENT_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let first = lines.next().unwrap().unwrap();
-    if let Some(rest) = first.strip_prefix("No device is paired yet. Pairing code: ") {
-        let code = rest.split_whitespace().next().unwrap().to_string();
-        let _ = lines.next();
-        let url = lines
-            .next()
-            .unwrap()
-            .unwrap()
-            .trim()
-            .trim_start_matches("url: ")
-            .to_string();
-        (child, url, Some(code))
-    } else {
-        (
-            child,
-            first.trim().trim_start_matches("listening on ").to_string(),
-            None,
-        )
-    }
-}
 
 /// Timezones paired with intervals: a consistent config has both of one pair.
 const PAIRS: &[(u64, &str)] = &[
@@ -136,12 +104,7 @@ async fn sigkill_mid_operations_leaves_a_consistent_state() {
     drop(c);
     let mut victims = Vec::new();
     for i in 0..40 {
-        let offer = Command::new(bin())
-            .args(["pair", "--json", "--data-dir"])
-            .arg(dir.path())
-            .output()
-            .unwrap();
-        let v: Value = serde_json::from_slice(&offer.stdout).unwrap();
+        let v = pair_json(dir.path());
         let mut id = Identity::generate(&format!("victim {i}"), ApprovalAlg::Ed25519);
         let (c, _) = client::pair(&ep, &mut id, v["code"].as_str().unwrap(), None)
             .await

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{TestServer, assert_error, audit_records};
+use common::{TestServer, assert_error, audit_records, spawn_request};
 use secrets_agent::budget::RATE_LIMITED_ACTION;
 use serde_json::{Value, json};
 
@@ -183,8 +183,7 @@ async fn gated_actions_and_approval_answers_go_through_during_the_devices_own_fl
     }
     for (action, params, decision, result) in gated {
         let before = limited.load(Ordering::Relaxed);
-        let c = a.clone();
-        let req = tokio::spawn(async move { c.request(action, params).await.unwrap() });
+        let req = spawn_request(&a, action, params);
         let ask = flooded
             .wait_event(T, |f| {
                 f["type"] == "approval_request" && f["action"] == action

@@ -2,42 +2,36 @@
 
 mod common;
 
-use common::{TestServer, assert_error};
+use common::{TestServer, assert_error, write_file};
 use serde_json::json;
 
-fn write(dir: &std::path::Path, rel: &str, text: &str) {
-    let p = dir.join(rel);
-    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-    std::fs::write(p, text).unwrap();
-}
-
 fn seed(dir: &std::path::Path) {
-    write(
+    write_file(
         dir,
         "plugins/hello/plugin.toml",
         "name = \"hello-plugin\"\nversion = 1.0\nplugin_type = \"tool\"\ncapabilities = [\"greet\"]\ndescription = \"Says hello\"\n",
     );
-    write(
+    write_file(
         dir,
         "plugins/nightly/plugin.toml",
         "name = \"nightly-report\"\nversion = \"2.1.0\"\nplugin_type = \"task_handler\"\ncapabilities = [\"report\"]\ncommand = [\"/bin/true\"]\n",
     );
-    write(
+    write_file(
         dir,
         "plugins/zz-broken/plugin.toml",
         "name = \"broken\"\nversion = \"1\nplugin_type = ",
     );
-    write(
+    write_file(
         dir,
         "skills/web-search/SKILL.md",
         "---\nname: Web search\ndescription: Looks things up on the web\nversion: 1.0\ntriggers:\n  - search\n  - look up\n---\n# Web search\nUse the browser tool.\n",
     );
-    write(
+    write_file(
         dir,
         "skills/notes/SKILL.md",
         "---\nname: Notes\ndescription: Keeps notes\n---\nBody\n",
     );
-    write(dir, "skills/bad/SKILL.md", "---\nname: [unclosed\n---\n");
+    write_file(dir, "skills/bad/SKILL.md", "---\nname: [unclosed\n---\n");
 }
 
 async fn seeded() -> TestServer {
@@ -105,12 +99,12 @@ async fn two_valid_plugins_one_broken() {
     );
 
     // A duplicate name and a newly fixed manifest, picked up by reload.
-    write(
+    write_file(
         s.path(),
         "plugins/hello2/plugin.toml",
         "name = \"hello-plugin\"\nversion = \"9\"\nplugin_type = \"tool\"\ncapabilities = []\n",
     );
-    write(
+    write_file(
         s.path(),
         "plugins/zz-broken/plugin.toml",
         "name = \"fixed\"\nversion = \"1\"\nplugin_type = \"tool\"\ncapabilities = []\n",

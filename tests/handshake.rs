@@ -4,52 +4,15 @@ mod common;
 
 use std::time::Duration;
 
-use common::{TestServer, assert_error};
+use common::{
+    TestServer, assert_error, auth_frame, challenge, expect_refused, pair_frame, pairing_code,
+    write_tls_setup,
+};
 use mobile_client_sim::client::{self, ClientError, Endpoint};
 use mobile_client_sim::{ApprovalAlg, Identity, Incoming, RawConn, proto};
 use serde_json::{Value, json};
 
-/// Reads the challenge: (server_key, nonce, ts).
-async fn challenge(c: &mut RawConn) -> (String, String, i64) {
-    let ch = c.recv_frame().await.unwrap();
-    assert_eq!(ch["type"], "challenge");
-    assert_eq!(ch["protocol"], 1);
-    assert_eq!(
-        proto::unb64(ch["nonce"].as_str().unwrap()).unwrap().len(),
-        32
-    );
-    (
-        ch["server_key"].as_str().unwrap().into(),
-        ch["nonce"].as_str().unwrap().into(),
-        ch["ts"].as_i64().unwrap(),
-    )
-}
-
-/// Expects `auth_error` with `code`, then close 4401.
-async fn expect_refused(c: &mut RawConn, code: &str) {
-    let f = c.recv_frame().await.unwrap();
-    assert_eq!(f["type"], "auth_error", "{f}");
-    assert_eq!(f["code"], code, "{f}");
-    assert!(f["message"].as_str().is_some_and(|m| !m.is_empty()));
-    let closed = c.closed().await.expect("a close frame");
-    assert_eq!(closed.0, 4401);
-}
-
-fn auth_frame(id: &Identity, server_key: &str, nonce: &str, ts: i64) -> Value {
-    let cn = proto::nonce32();
-    let msg = proto::auth_string(server_key, nonce, &id.device_id(), &cn, ts);
-    json!({"type": "auth", "protocol": 1, "device_id": id.device_id(), "nonce": nonce, "client_nonce": cn, "ts": ts, "signature": id.sign_device(&msg)})
-}
-
-fn pair_frame(id: &Identity, server_key: &str, nonce: &str, code: &str) -> Value {
-    let cn = proto::nonce32();
-    let (dpk, apk) = (id.public_key_b64(), id.approval_public_key_b64());
-    let msg = proto::pair_string(server_key, nonce, code, &dpk, &apk, &cn);
-    json!({"type": "pair", "protocol": 1, "code": code, "device_name": id.device_name, "device_public_key": dpk,
-           "approval_public_key": apk, "approval_key_alg": id.approval_alg().as_str(), "client_nonce": cn,
-           "signature": id.sign_device(&msg), "approval_signature": id.sign_approval(&msg)})
-}
-
+/// A raw connection that has sent a `pair` frame for `id` with `code`.
 async fn pair_raw(s: &TestServer, id: &Identity, code: &str) -> RawConn {
     let mut c = s.raw().await;
     let (key, nonce, _) = challenge(&mut c).await;
@@ -326,16 +289,12 @@ async fn failed_handshakes_are_rate_limited_per_address() {
     let (_c, id) = s.phone("owner").await;
     let bad: std::net::IpAddr = "127.0.0.2".parse().unwrap();
     for _ in 0..4 {
-        let mut c = RawConn::connect_from(&s.url, None, Some(bad))
-            .await
-            .unwrap();
+        let mut c = s.raw_from(bad).await;
         let _ = challenge(&mut c).await;
         c.send_text("garbage").await.unwrap();
         expect_refused(&mut c, "invalid_request").await;
     }
-    let mut c = RawConn::connect_from(&s.url, None, Some(bad))
-        .await
-        .unwrap();
+    let mut c = s.raw_from(bad).await;
     let (key, nonce, ts) = challenge(&mut c).await;
     c.send_json(&auth_frame(&id, &key, &nonce, ts))
         .await
@@ -361,10 +320,7 @@ async fn failed_pairings_from_everyone_close_pairing_but_not_auth() {
     let s = TestServer::start_with_config("[server]\npair_failures_per_minute = 3\n").await;
     let (_c, id) = s.phone("owner").await;
     for i in 2..5 {
-        let mut c =
-            RawConn::connect_from(&s.url, None, Some(format!("127.0.0.{i}").parse().unwrap()))
-                .await
-                .unwrap();
+        let mut c = s.raw_from(format!("127.0.0.{i}").parse().unwrap()).await;
         let (key, nonce, _) = challenge(&mut c).await;
         c.send_json(&pair_frame(
             &Identity::generate("x", ApprovalAlg::Ed25519),
@@ -377,9 +333,7 @@ async fn failed_pairings_from_everyone_close_pairing_but_not_auth() {
         expect_refused(&mut c, "invalid_code").await;
     }
     let code = s.code();
-    let mut c = RawConn::connect_from(&s.url, None, Some("127.0.0.9".parse().unwrap()))
-        .await
-        .unwrap();
+    let mut c = s.raw_from("127.0.0.9".parse().unwrap()).await;
     let (key, nonce, _) = challenge(&mut c).await;
     c.send_json(&pair_frame(
         &Identity::generate("new", ApprovalAlg::Ed25519),
@@ -440,26 +394,10 @@ async fn non_loopback_without_tls_is_refused() {
 #[tokio::test]
 async fn wss_with_a_configured_certificate() {
     let dir = tempfile::tempdir().unwrap();
-    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
-    std::fs::write(dir.path().join("cert.pem"), cert.cert.pem()).unwrap();
-    std::fs::write(dir.path().join("key.pem"), cert.signing_key.serialize_pem()).unwrap();
-    std::fs::write(
-        dir.path().join("config.toml"),
-        "[server]\ntls_cert = \"cert.pem\"\ntls_key = \"key.pem\"\n",
-    )
-    .unwrap();
+    write_tls_setup(dir.path());
     let h = common::start_in(dir.path()).await;
     assert!(h.url.starts_with("wss://"), "{}", h.url);
-    let st = &h.state;
-    let code = secrets_agent::auth::pairing::create_offer(
-        &st.db,
-        st.clock.now_ms(),
-        60,
-        &st.key,
-        h.url.clone(),
-    )
-    .unwrap()
-    .code;
+    let code = pairing_code(&h, 60, &h.url);
     let url = format!("wss://localhost:{}/ws", h.addr.port());
     let mut ep = Endpoint::new(url);
     ep.ca = Some(dir.path().join("cert.pem"));

@@ -12,57 +12,13 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{TestServer, bin};
+use common::{
+    TestServer, approval_round_trip, auth_frame, bin, challenge, expect_refused, pair_frame_with,
+    pair_json, write_self_signed_cert, write_tls_setup,
+};
 use mobile_client_sim::client::{self, Endpoint};
-use mobile_client_sim::{ApprovalAlg, Identity, Incoming, RawConn, proto};
+use mobile_client_sim::{ApprovalAlg, Identity, Incoming};
 use serde_json::{Value, json};
-
-const T: Duration = Duration::from_secs(10);
-
-async fn challenge(c: &mut RawConn) -> (String, String, i64) {
-    let ch = c.recv_frame().await.unwrap();
-    assert_eq!(ch["type"], "challenge", "{ch}");
-    (
-        ch["server_key"].as_str().unwrap().into(),
-        ch["nonce"].as_str().unwrap().into(),
-        ch["ts"].as_i64().unwrap(),
-    )
-}
-
-async fn expect_refused(c: &mut RawConn, code: &str) -> Value {
-    let f = c.recv_frame().await.unwrap();
-    assert_eq!(f["type"], "auth_error", "{f}");
-    assert_eq!(f["code"], code, "{f}");
-    assert_eq!(c.closed().await.expect("a close frame").0, 4401);
-    f
-}
-
-/// A pair frame for `id`, with `device_name` and the approval key as given.
-fn pair_frame_with(
-    id: &Identity,
-    server_key: &str,
-    nonce: &str,
-    code: &str,
-    name: &str,
-    same_keys: bool,
-) -> Value {
-    let cn = proto::nonce32();
-    let dpk = id.public_key_b64();
-    let apk = if same_keys {
-        dpk.clone()
-    } else {
-        id.approval_public_key_b64()
-    };
-    let msg = proto::pair_string(server_key, nonce, code, &dpk, &apk, &cn);
-    let asig = if same_keys {
-        id.sign_device(&msg)
-    } else {
-        id.sign_approval(&msg)
-    };
-    json!({"type": "pair", "protocol": 1, "code": code, "device_name": name, "device_public_key": dpk,
-           "approval_public_key": apk, "approval_key_alg": "ed25519", "client_nonce": cn,
-           "signature": id.sign_device(&msg), "approval_signature": asig})
-}
 
 fn mode(p: &Path) -> u32 {
     std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777
@@ -167,26 +123,16 @@ async fn a_loosened_data_dir_is_tightened_at_start_and_config_rewrites_stay_priv
     .unwrap();
     let (c, id) = s.phone("owner").await;
     let c = Arc::new(c);
-    let c2 = c.clone();
-    let h = tokio::spawn(async move {
-        c2.request(
-            "update_config",
-            json!({"section": "llm", "value": {"api_key": "sk-private-1"}}),
-        )
-        .await
-        .unwrap()
-    });
-    let req = c
-        .wait_event(T, |f| f["type"] == "approval_request")
-        .await
-        .unwrap();
-    c.answer_approval(&id, &req, "approve").await.unwrap();
-    assert_eq!(h.await.unwrap()["result"], "success");
-    assert!(
-        std::fs::read_to_string(s.path().join("config.toml"))
-            .unwrap()
-            .contains("sk-private-1")
-    );
+    let (r, _) = approval_round_trip(
+        &c,
+        &id,
+        "update_config",
+        json!({"section": "llm", "value": {"api_key": "sk-private-1"}}),
+        "approve",
+    )
+    .await;
+    assert_eq!(r["result"], "success");
+    assert!(s.config_text().contains("sk-private-1"));
     assert_eq!(mode(&s.path().join("config.toml")), 0o600);
     assert_eq!(wide_entries(s.path()), Vec::<String>::new());
 }
@@ -408,27 +354,18 @@ async fn handshake_timeouts_count_as_failures() {
     let (_c, id) = s.phone("owner").await;
     let slow: std::net::IpAddr = "127.0.0.7".parse().unwrap();
     for _ in 0..3 {
-        let mut c = RawConn::connect_from(&s.url, None, Some(slow))
-            .await
-            .unwrap();
+        let mut c = s.raw_from(slow).await;
         let _ = challenge(&mut c).await;
         match c.recv().await {
             Incoming::Closed(Some((code, _))) => assert_eq!(code, 4408),
             other => panic!("expected 4408, got {other:?}"),
         }
     }
-    let mut c = RawConn::connect_from(&s.url, None, Some(slow))
+    let mut c = s.raw_from(slow).await;
+    let (key, nonce, ts) = challenge(&mut c).await;
+    c.send_json(&auth_frame(&id, &key, &nonce, ts))
         .await
         .unwrap();
-    let (key, nonce, ts) = challenge(&mut c).await;
-    let cn = proto::nonce32();
-    let msg = proto::auth_string(&key, &nonce, &id.device_id(), &cn, ts);
-    c.send_json(
-        &json!({"type": "auth", "protocol": 1, "device_id": id.device_id(), "nonce": nonce,
-                        "client_nonce": cn, "ts": ts, "signature": id.sign_device(&msg)}),
-    )
-    .await
-    .unwrap();
     expect_refused(&mut c, "rate_limited").await;
 }
 
@@ -437,9 +374,7 @@ async fn failed_handshakes_are_audited_in_aggregate() {
     let mut s = TestServer::start().await;
     let peer: std::net::IpAddr = "127.0.0.5".parse().unwrap();
     for _ in 0..10 {
-        let mut c = RawConn::connect_from(&s.url, None, Some(peer))
-            .await
-            .unwrap();
+        let mut c = s.raw_from(peer).await;
         let _ = challenge(&mut c).await;
         c.send_text("{}").await.unwrap();
         let _ = c.closed().await;
@@ -464,21 +399,8 @@ async fn failed_handshakes_are_audited_in_aggregate() {
 #[tokio::test]
 async fn pair_json_carries_the_tls_pin_and_the_cli_escapes_device_names() {
     let dir = tempfile::tempdir().unwrap();
-    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
-    std::fs::write(dir.path().join("cert.pem"), cert.cert.pem()).unwrap();
-    std::fs::write(dir.path().join("key.pem"), cert.signing_key.serialize_pem()).unwrap();
-    std::fs::write(
-        dir.path().join("config.toml"),
-        "[server]\ntls_cert = \"cert.pem\"\ntls_key = \"key.pem\"\n",
-    )
-    .unwrap();
-    let out = std::process::Command::new(bin())
-        .args(["pair", "--json", "--data-dir"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let offer: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let cert = write_tls_setup(dir.path());
+    let offer = pair_json(dir.path());
     use rcgen::PublicKeyData;
     let want = hex_sha256(&cert.signing_key.subject_public_key_info());
     assert_eq!(offer["tls_spki_sha256"], want.as_str(), "{offer}");
@@ -507,12 +429,7 @@ async fn pair_json_carries_the_tls_pin_and_the_cli_escapes_device_names() {
 #[test]
 fn without_tls_pair_json_has_no_pin() {
     let dir = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new(bin())
-        .args(["pair", "--json", "--data-dir"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    let offer: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let offer = pair_json(dir.path());
     assert!(offer.get("tls_spki_sha256").is_none(), "{offer}");
 }
 
@@ -546,24 +463,9 @@ async fn no_device_is_paired_while_the_audit_log_cannot_record_it() {
 #[tokio::test]
 async fn mobile_sim_pins_the_tls_key_from_pair_json() {
     let dir = tempfile::tempdir().unwrap();
-    let write_cert = |dir: &Path| {
-        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
-        std::fs::write(dir.join("cert.pem"), cert.cert.pem()).unwrap();
-        std::fs::write(dir.join("key.pem"), cert.signing_key.serialize_pem()).unwrap();
-    };
-    write_cert(dir.path());
-    std::fs::write(
-        dir.path().join("config.toml"),
-        "[server]\ntls_cert = \"cert.pem\"\ntls_key = \"key.pem\"\n",
-    )
-    .unwrap();
+    write_tls_setup(dir.path());
     let h = common::start_in(dir.path()).await;
-    let out = std::process::Command::new(bin())
-        .args(["pair", "--json", "--data-dir"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    let offer: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let offer = pair_json(dir.path());
     let pin = offer["tls_spki_sha256"].as_str().unwrap().to_string();
     let url = offer["url"].as_str().unwrap().to_string();
     assert!(url.starts_with("wss://"), "{url}");
@@ -593,7 +495,7 @@ async fn mobile_sim_pins_the_tls_key_from_pair_json() {
 
     // The server's TLS key changes (same data dir, same server key): refused.
     h.shutdown().await;
-    write_cert(dir.path());
+    write_self_signed_cert(dir.path());
     let h = common::start_in(dir.path()).await;
     let mut ep2 = ep.clone();
     ep2.url = format!("wss://127.0.0.1:{}/ws", h.addr.port());

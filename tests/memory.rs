@@ -5,13 +5,10 @@ mod common;
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::Duration;
 
-use common::{TestServer, assert_error};
+use common::{TestServer, approval_round_trip, assert_error, next_approval_request, spawn_request};
 use mobile_client_sim::Client;
 use serde_json::{Value, json};
-
-const T: Duration = Duration::from_secs(20);
 
 const FACTS: &[&str] = &[
     "OAuth2 with PKCE is preferred for public clients",
@@ -204,16 +201,8 @@ async fn delete_goes_through_the_approval_gate() {
     );
 
     for (target, decision) in [(&keep, "deny"), (&gone, "approve")] {
-        let (c2, mid) = (c.clone(), target["id"].as_str().unwrap().to_string());
-        let h = tokio::spawn(async move {
-            c2.request("delete_memory", json!({"id": mid}))
-                .await
-                .unwrap()
-        });
-        let req = c
-            .wait_event(T, |f| f["type"] == "approval_request")
-            .await
-            .unwrap();
+        let h = spawn_request(&c, "delete_memory", json!({"id": target["id"]}));
+        let req = next_approval_request(&c).await;
         assert_eq!(
             req["params"],
             json!({"id": target["id"]}),
@@ -401,21 +390,9 @@ async fn a_live_model_dir_change_loads_the_model() {
     );
     let c = Arc::new(c);
     let dir = common::model_dir().display().to_string();
-    let c2 = c.clone();
-    let h = tokio::spawn(async move {
-        c2.request(
-            "update_config",
-            json!({"section": "memory", "value": {"model_dir": dir}}),
-        )
-        .await
-        .unwrap()
-    });
-    let req = c
-        .wait_event(T, |f| f["type"] == "approval_request")
-        .await
-        .unwrap();
-    c.answer_approval(&id, &req, "approve").await.unwrap();
-    assert_eq!(h.await.unwrap()["result"], "success");
+    let params = json!({"section": "memory", "value": {"model_dir": dir}});
+    let (r, _) = approval_round_trip(&c, &id, "update_config", params, "approve").await;
+    assert_eq!(r["result"], "success");
     // The change reloads the model before the update is answered; the next
     // request waits behind the load on the embedder thread.
     let r = c

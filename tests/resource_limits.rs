@@ -10,13 +10,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{TestServer, assert_error};
+use common::{TestServer, approval_round_trip, assert_error};
 use mobile_client_sim::{Client, Identity};
 use secrets_agent::memory::MAX_ADMITTED;
 use secrets_agent::memory::embedder::{MODEL_FILES, ORT_LIBRARY};
 use serde_json::{Value, json};
-
-const T: Duration = Duration::from_secs(30);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_search_flood_is_bounded_and_another_device_is_served_promptly() {
@@ -111,22 +109,9 @@ fn model_copy(lib: Option<&[u8]>) -> tempfile::TempDir {
 
 /// `update_config` section `memory`, approved on the phone.
 async fn set_model_dir(c: Arc<Client>, id: &Identity, dir: &Path) {
-    let dir = dir.display().to_string();
-    let c2 = c.clone();
-    let h = tokio::spawn(async move {
-        c2.request(
-            "update_config",
-            json!({"section": "memory", "value": {"model_dir": dir}}),
-        )
-        .await
-        .unwrap()
-    });
-    let req = c
-        .wait_event(T, |f| f["type"] == "approval_request")
-        .await
-        .unwrap();
-    c.answer_approval(id, &req, "approve").await.unwrap();
-    assert_eq!(h.await.unwrap()["result"], "success");
+    let params = json!({"section": "memory", "value": {"model_dir": dir.display().to_string()}});
+    let (r, _) = approval_round_trip(&c, id, "update_config", params, "approve").await;
+    assert_eq!(r["result"], "success");
 }
 
 fn start_library(s: &TestServer) -> PathBuf {

@@ -8,10 +8,10 @@ mod common;
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
-use common::TestServer;
+use common::{TestServer, auth_frame, pair_frame};
 use jsonschema::{Registry, Resource, Validator};
 use mobile_client_sim::client::approval_response;
-use mobile_client_sim::{ApprovalAlg, Identity, RawConn, proto};
+use mobile_client_sim::{ApprovalAlg, Identity, RawConn};
 use secrets_agent::secrets::{Requester, SecretValue};
 use serde_json::{Value, json};
 
@@ -246,19 +246,8 @@ async fn every_frame_in_a_full_scenario_matches_its_schema() {
         ch["server_key"].as_str().unwrap(),
         ch["nonce"].as_str().unwrap(),
     );
-    let code = s.code();
-    let cn = proto::nonce32();
-    let msg = proto::pair_string(
-        key,
-        nonce,
-        &code,
-        &id.public_key_b64(),
-        &id.approval_public_key_b64(),
-        &cn,
-    );
-    let pair = json!({"type": "pair", "protocol": 1, "code": code, "device_name": id.device_name, "device_public_key": id.public_key_b64(),
-        "approval_public_key": id.approval_public_key_b64(), "approval_key_alg": "es256", "client_nonce": cn,
-        "signature": id.sign_device(&msg), "approval_signature": id.sign_approval(&msg)});
+    let pair = pair_frame(&id, key, nonce, &s.code());
+    assert_eq!(pair["approval_key_alg"], "es256");
     schemas.check("frames/pair.json", &pair);
     r.send_json(&pair).await.unwrap();
     let ok = r.recv_frame().await.unwrap();
@@ -352,15 +341,12 @@ async fn every_frame_in_a_full_scenario_matches_its_schema() {
     // auth + auth_ok
     let mut a = RawConn::connect(&s.url).await.unwrap();
     let ch = a.recv_frame().await.unwrap();
-    let cn = proto::nonce32();
-    let msg = proto::auth_string(
+    let auth = auth_frame(
+        &id,
         ch["server_key"].as_str().unwrap(),
         ch["nonce"].as_str().unwrap(),
-        &id.device_id(),
-        &cn,
         ch["ts"].as_i64().unwrap(),
     );
-    let auth = json!({"type": "auth", "protocol": 1, "device_id": id.device_id(), "nonce": ch["nonce"], "client_nonce": cn, "ts": ch["ts"], "signature": id.sign_device(&msg)});
     schemas.check("frames/auth.json", &auth);
     a.send_json(&auth).await.unwrap();
     schemas.check("frames/auth_ok.json", &a.recv_frame().await.unwrap());

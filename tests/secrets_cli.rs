@@ -7,7 +7,9 @@ mod secrets_support;
 
 use std::time::Duration;
 
-use common::{TestServer, audit_now};
+use common::{
+    TestServer, answer_next, assert_no_approval_request, audit_now, next_approval_request,
+};
 use secrets_support::*;
 use serde_json::json;
 
@@ -121,16 +123,7 @@ async fn set_then_get_with_an_approving_phone_returns_the_value_exactly() {
 async fn a_denied_release_exits_3_with_nothing_on_stdout() {
     let s = TestServer::start().await;
     let (phone, pid) = s.phone("owner").await;
-    s.handle()
-        .state
-        .secrets
-        .set(
-            "TOK",
-            secrets_agent::secrets::SecretValue::new("tok-value".into()),
-            None,
-        )
-        .await
-        .unwrap();
+    s.set_secret("TOK", "tok-value").await;
     let get = spawn_cli(s.path(), &["get", "TOK", "--reason", "r"], b"");
     answer_next(&phone, &pid, "deny").await;
     let out = get.await.unwrap();
@@ -167,16 +160,7 @@ async fn a_denied_release_exits_3_with_nothing_on_stdout() {
 async fn an_unanswered_release_expires_with_exit_4() {
     let s = TestServer::start_with_config("[approvals]\ntimeout_secs = 30\n").await;
     let (phone, _pid) = s.phone("owner").await;
-    s.handle()
-        .state
-        .secrets
-        .set(
-            "TOK",
-            secrets_agent::secrets::SecretValue::new("tok-value".into()),
-            None,
-        )
-        .await
-        .unwrap();
+    s.set_secret("TOK", "tok-value").await;
     // Paused from here (the handshake above ran on a live clock).
     tokio::time::pause();
     let started = s.handle().state.clock.now_ms();
@@ -191,7 +175,7 @@ async fn an_unanswered_release_expires_with_exit_4() {
         "it waited the full timeout: {} ms",
         s.handle().state.clock.now_ms() - started
     );
-    let req = next_request(&phone).await;
+    let req = next_approval_request(&phone).await;
     assert_eq!(req["action"], "release_secret");
     let result = phone
         .wait_event(T, |f| f["type"] == "approval_result")
@@ -243,12 +227,8 @@ async fn no_device_or_an_unknown_name_is_refused_at_once() {
 async fn exec_gets_two_variables_after_one_approval_and_passes_the_status_through() {
     let s = TestServer::start().await;
     let (phone, pid) = s.phone("owner").await;
-    let st = &s.handle().state;
     for (n, v) in [("ALPHA", "first value"), ("BETA", "zweiter Wert ü")] {
-        st.secrets
-            .set(n, secrets_agent::secrets::SecretValue::new(v.into()), None)
-            .await
-            .unwrap();
+        s.set_secret(n, v).await;
     }
     let exec = spawn_cli(
         s.path(),
@@ -280,29 +260,14 @@ async fn exec_gets_two_variables_after_one_approval_and_passes_the_status_throug
         "first value zweiter Wert ü\n"
     );
     // No second request came.
-    assert!(
-        phone
-            .wait_event(Duration::from_millis(300), |f| f["type"]
-                == "approval_request")
-            .await
-            .is_err()
-    );
+    assert_no_approval_request(&phone).await;
 }
 
 #[tokio::test]
 async fn rm_asks_the_phone_and_ends_the_secret() {
     let s = TestServer::start().await;
     let (phone, pid) = s.phone("owner").await;
-    s.handle()
-        .state
-        .secrets
-        .set(
-            "GONE",
-            secrets_agent::secrets::SecretValue::new("x".into()),
-            None,
-        )
-        .await
-        .unwrap();
+    s.set_secret("GONE", "x").await;
     let rm = spawn_cli(s.path(), &["rm", "GONE"], b"");
     let req = answer_next(&phone, &pid, "approve").await;
     assert_eq!(req["action"], "delete_secret");
@@ -315,16 +280,7 @@ async fn rm_asks_the_phone_and_ends_the_secret() {
 async fn ctrl_c_withdraws_the_pending_release() {
     let s = TestServer::start().await;
     let (phone, pid) = s.phone("owner").await;
-    s.handle()
-        .state
-        .secrets
-        .set(
-            "TOK",
-            secrets_agent::secrets::SecretValue::new("tok".into()),
-            None,
-        )
-        .await
-        .unwrap();
+    s.set_secret("TOK", "tok").await;
     let mut child = tokio::process::Command::new(common::bin())
         .args(["secret", "get", "TOK", "--reason", "r", "--data-dir"])
         .arg(s.path())
@@ -333,7 +289,7 @@ async fn ctrl_c_withdraws_the_pending_release() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let req = next_request(&phone).await;
+    let req = next_approval_request(&phone).await;
     let ok = std::process::Command::new("kill")
         .args(["-INT", &child.id().unwrap().to_string()])
         .status()
@@ -358,16 +314,7 @@ async fn exec_passes_signals_to_the_command() {
     use tokio::io::AsyncBufReadExt;
     let s = TestServer::start().await;
     let (phone, pid) = s.phone("owner").await;
-    s.handle()
-        .state
-        .secrets
-        .set(
-            "TOK",
-            secrets_agent::secrets::SecretValue::new("tok".into()),
-            None,
-        )
-        .await
-        .unwrap();
+    s.set_secret("TOK", "tok").await;
     let mut child = tokio::process::Command::new(common::bin())
         .args([
             "secret",

@@ -7,29 +7,15 @@
 mod common;
 mod secrets_support;
 
-use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::TestServer;
+use common::{TestServer, capture_logs, logged_bytes};
 use mobile_client_sim::client::approval_response;
 use secrets_support::*;
 use serde_json::{Value, json};
 
 const VALUE: &str = "Zq8-c4n4ry-ü-31337-leak-probe-value";
-
-#[derive(Clone, Default)]
-struct Buf(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Buf {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 fn task_config() -> String {
     "[[tasks]]\nname = \"job\"\ncron = \"0 0 1 1 *\"\nhandler = \"command\"\ncommand = [\"sh\", \"-c\", \"test \\\"$T\\\" = \\\"x$T\\\" || echo \\\"$T\\\" >&2; exit 1\"]\nsecrets = { T = \"PROBE\" }\n".into()
@@ -37,13 +23,7 @@ fn task_config() -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_value_is_nowhere_else() {
-    let log = Buf::default();
-    let sink = log.clone();
-    tracing_subscriber::fmt()
-        .with_env_filter(secrets_agent::logging::filter("trace"))
-        .with_writer(move || sink.clone())
-        .with_ansi(false)
-        .init();
+    capture_logs();
     let forms = leak_forms(VALUE);
     // The scan itself finds each form.
     for f in &forms {
@@ -240,7 +220,7 @@ async fn the_value_is_nowhere_else() {
             assert_no_leak(f, &bytes, &forms);
         }
     }
-    let log = log.0.lock().unwrap().clone();
+    let log = logged_bytes();
     assert!(
         log.len() > 2_000,
         "the trace log was captured ({} bytes)",

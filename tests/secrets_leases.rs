@@ -8,19 +8,13 @@ mod secrets_support;
 
 use std::time::Duration;
 
-use common::{TestServer, audit_now};
-use secrets_agent::secrets::SecretValue;
+use common::{TestServer, answer_next, assert_no_approval_request, audit_now};
 use secrets_support::*;
 use serde_json::json;
 
 async fn seed(s: &TestServer, names: &[&str]) {
     for n in names {
-        s.handle()
-            .state
-            .secrets
-            .set(n, SecretValue::new(format!("value of {n}")), None)
-            .await
-            .unwrap();
+        s.set_secret(n, &format!("value of {n}")).await;
     }
 }
 
@@ -52,13 +46,7 @@ async fn a_lease_serves_the_same_requester_and_not_another_until_revoked() {
     assert_eq!(lines.len(), 1, "no pending line: nothing asked");
     assert_eq!(last(&lines)["values"], json!({"A": "value of A"}));
     assert_eq!(last(&lines)["lease_id"], lease_id.as_str());
-    assert!(
-        phone
-            .wait_event(Duration::from_millis(300), |f| f["type"]
-                == "approval_request")
-            .await
-            .is_err()
-    );
+    assert_no_approval_request(&phone).await;
     let log = audit_now(&s).await;
     assert!(log.iter().any(|r| r["action"] == "secret.released"
         && r["lease_id"] == lease_id.as_str()

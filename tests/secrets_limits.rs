@@ -4,8 +4,7 @@
 mod common;
 mod secrets_support;
 
-use common::TestServer;
-use secrets_agent::secrets::SecretValue;
+use common::{TestServer, next_approval_request, spawn_request};
 use secrets_support::*;
 use serde_json::json;
 
@@ -13,19 +12,14 @@ use serde_json::json;
 async fn at_most_16_local_approvals_pend() {
     let s = TestServer::start().await;
     let (phone, _pid) = s.phone("owner").await;
-    s.handle()
-        .state
-        .secrets
-        .set("A", SecretValue::new("a".into()), None)
-        .await
-        .unwrap();
+    s.set_secret("A", "a").await;
     let mut waiting = Vec::new();
     for i in 0..16 {
         waiting.push(spawn_sock(
             s.path(),
             release_req(&["A"], &format!("r{i}"), 0),
         ));
-        next_request(&phone).await;
+        next_approval_request(&phone).await;
     }
     let lines = sock(s.path(), release_req(&["A"], "r16", 0)).await;
     let last = lines.last().unwrap();
@@ -35,16 +29,12 @@ async fn at_most_16_local_approvals_pend() {
     assert_eq!(pending["approvals"].as_array().unwrap().len(), 16);
     // A phone's own gated request still has room (the 128 in all).
     let phone = std::sync::Arc::new(phone);
-    let p2 = phone.clone();
-    let upd = tokio::spawn(async move {
-        p2.request(
-            "update_config",
-            json!({"section": "approvals", "value": {"timeout_secs": 60}}),
-        )
-        .await
-        .unwrap()
-    });
-    let req = next_request(&phone).await;
+    let upd = spawn_request(
+        &phone,
+        "update_config",
+        json!({"section": "approvals", "value": {"timeout_secs": 60}}),
+    );
+    let req = next_approval_request(&phone).await;
     assert_eq!(req["action"], "update_config");
     upd.abort();
     for w in waiting {

@@ -8,8 +8,7 @@ mod secrets_support;
 
 use std::time::{Duration, Instant};
 
-use common::{TestServer, audit_now};
-use secrets_agent::secrets::SecretValue;
+use common::{TestServer, answer_next, audit_now, next_approval_request, spawn_request};
 use secrets_support::*;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -61,14 +60,9 @@ async fn every_new_approval_posts_one_notification() {
     let (url, mut posts) = http_sink().await;
     let s = TestServer::start_with_config(&format!("[notify]\nurl = {url:?}\n")).await;
     let (phone, pid) = s.phone("owner").await;
-    s.handle()
-        .state
-        .secrets
-        .set("A", SecretValue::new("a".into()), None)
-        .await
-        .unwrap();
+    s.set_secret("A", "a").await;
     let get = spawn_sock(s.path(), release_req(&["A"], "job", 0));
-    let req = next_request(&phone).await;
+    let req = next_approval_request(&phone).await;
     let (head, body) = tokio::time::timeout(T, posts.recv())
         .await
         .unwrap()
@@ -98,15 +92,11 @@ async fn every_new_approval_posts_one_notification() {
 
     // include_summary through update_config (itself an approval: notified too).
     let phone = std::sync::Arc::new(phone);
-    let p2 = phone.clone();
-    let upd = tokio::spawn(async move {
-        p2.request(
-            "update_config",
-            json!({"section": "notify", "value": {"include_summary": true}}),
-        )
-        .await
-        .unwrap()
-    });
+    let upd = spawn_request(
+        &phone,
+        "update_config",
+        json!({"section": "notify", "value": {"include_summary": true}}),
+    );
     let req = answer_next(&phone, &pid, "approve").await;
     let (_, body) = tokio::time::timeout(T, posts.recv())
         .await
@@ -148,12 +138,7 @@ async fn an_unreachable_url_does_not_delay_the_approval() {
     });
     let s = TestServer::start_with_config(&format!("[notify]\nurl = {url:?}\n")).await;
     let (phone, pid) = s.phone("owner").await;
-    s.handle()
-        .state
-        .secrets
-        .set("A", SecretValue::new("a-value".into()), None)
-        .await
-        .unwrap();
+    s.set_secret("A", "a-value").await;
     let started = Instant::now();
     let get = spawn_sock(s.path(), release_req(&["A"], "job", 0));
     answer_next(&phone, &pid, "approve").await;
@@ -172,15 +157,11 @@ async fn the_notify_url_is_a_secret_in_update_config() {
     let (phone, pid) = s.phone("owner").await;
     let phone = std::sync::Arc::new(phone);
     let url = "https://ntfy.example.net/very-s3cret-topic";
-    let p2 = phone.clone();
-    let upd = tokio::spawn(async move {
-        p2.request(
-            "update_config",
-            json!({"section": "notify", "value": {"url": url}}),
-        )
-        .await
-        .unwrap()
-    });
+    let upd = spawn_request(
+        &phone,
+        "update_config",
+        json!({"section": "notify", "value": {"url": url}}),
+    );
     let req = answer_next(&phone, &pid, "approve").await;
     assert!(
         req["params"]["value"]["url"]
@@ -256,16 +237,11 @@ async fn a_failing_endpoint_gets_at_most_4_attempts() {
     });
     let s = TestServer::start_with_config(&format!("[notify]\nurl = {url:?}\n")).await;
     let (phone, _pid) = s.phone("owner").await;
-    s.handle()
-        .state
-        .secrets
-        .set("A", SecretValue::new("a".into()), None)
-        .await
-        .unwrap();
+    s.set_secret("A", "a").await;
     // The backoff (1 s, 2 s, 4 s) runs on tokio's clock: paused from here on.
     tokio::time::pause();
     let get = spawn_sock(s.path(), release_req(&["A"], "job", 0));
-    next_request(&phone).await;
+    next_approval_request(&phone).await;
     for _ in 0..4 {
         hits.recv().await.unwrap();
     }

@@ -8,7 +8,6 @@ mod secrets_support;
 use std::os::unix::fs::PermissionsExt;
 
 use common::{TestServer, audit_now};
-use secrets_agent::secrets::SecretValue;
 use serde_json::json;
 
 const NOBODY: &str = "65534";
@@ -33,12 +32,7 @@ async fn a_peer_of_another_uid_is_refused_and_audited() {
     );
     let s = TestServer::start().await;
     let (phone, _pid) = s.phone("owner").await;
-    s.handle()
-        .state
-        .secrets
-        .set("TOK", SecretValue::new("tok-value".into()), None)
-        .await
-        .unwrap();
+    s.set_secret("TOK", "tok-value").await;
     let sock = s.path().join("agent.sock");
     assert_eq!(
         std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777,

@@ -4,20 +4,15 @@
 //! `get_dashboard`'s `secret_count`.
 
 mod common;
-mod secrets_support;
 
 use std::sync::Arc;
 
-use common::{TestServer, assert_error, audit_now};
+use common::{
+    TestServer, answer_next, assert_error, audit_now, next_approval_request, spawn_request,
+};
 use mobile_client_sim::client::{self, Endpoint};
-use mobile_client_sim::{ApprovalAlg, Client, Identity};
-use secrets_support::*;
-use serde_json::{Value, json};
-
-fn spawn_request(c: &Arc<Client>, action: &str, params: Value) -> tokio::task::JoinHandle<Value> {
-    let (c, a) = (c.clone(), action.to_string());
-    tokio::spawn(async move { c.request(&a, params).await.unwrap() })
-}
+use mobile_client_sim::{ApprovalAlg, Identity};
+use serde_json::json;
 
 #[tokio::test]
 async fn set_list_reveal_delete_from_the_phone() {
@@ -30,7 +25,7 @@ async fn set_list_reveal_delete_from_the_phone() {
         "set_secret",
         json!({"name": "DB_PASS", "value": value, "description": "prod db"}),
     );
-    let req = next_request(&phone).await;
+    let req = next_approval_request(&phone).await;
     assert_eq!(req["summary"], "Create secret DB_PASS");
     let shown = req["params"]["value"].as_str().unwrap();
     assert!(

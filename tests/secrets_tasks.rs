@@ -8,7 +8,7 @@ mod secrets_support;
 
 use std::time::Duration;
 
-use common::TestServer;
+use common::{TestServer, answer_next};
 use secrets_agent::secrets::SecretValue;
 use secrets_support::*;
 use serde_json::{Value, json};

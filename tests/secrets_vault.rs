@@ -5,19 +5,13 @@
 mod common;
 mod secrets_support;
 
-use common::{TestServer, audit_now};
-use secrets_agent::secrets::SecretValue;
+use common::{TestServer, answer_next, audit_now, spawn_request};
 use secrets_support::*;
 use serde_json::json;
 
 async fn seed(s: &TestServer, pairs: &[(&str, &str)]) {
     for (n, v) in pairs {
-        s.handle()
-            .state
-            .secrets
-            .set(n, SecretValue::new(v.to_string()), None)
-            .await
-            .unwrap();
+        s.set_secret(n, v).await;
     }
 }
 
@@ -48,12 +42,7 @@ async fn a_ciphertext_moved_to_another_name_is_reported_not_returned() {
     assert!(!stderr(&out).contains("alpha-value"));
     // The phone's reveal says the same, without a value.
     let phone = std::sync::Arc::new(phone);
-    let p2 = phone.clone();
-    let reveal = tokio::spawn(async move {
-        p2.request("reveal_secret", json!({"name": "BETA"}))
-            .await
-            .unwrap()
-    });
+    let reveal = spawn_request(&phone, "reveal_secret", json!({"name": "BETA"}));
     answer_next(&phone, &pid, "approve").await;
     let r = reveal.await.unwrap();
     common::assert_error(&r, "internal");

@@ -4,26 +4,9 @@ mod common;
 
 use std::collections::HashSet;
 
-use common::{TestServer, assert_error};
-use mobile_client_sim::{Incoming, RawConn};
+use common::{TestServer, assert_error, recv_until};
+use mobile_client_sim::Incoming;
 use serde_json::{Value, json};
-
-/// An authenticated raw connection, for sending exact frames.
-async fn raw_session(s: &TestServer) -> (RawConn, mobile_client_sim::Identity) {
-    let (c, id) = s.phone("raw").await;
-    c.close().await;
-    (s.raw_authed(&id).await, id)
-}
-
-/// Reads frames until one matches.
-async fn until(r: &mut RawConn, pred: impl Fn(&Value) -> bool) -> Value {
-    loop {
-        let f = r.recv_frame().await.unwrap();
-        if pred(&f) {
-            return f;
-        }
-    }
-}
 
 fn admin(rid: &str, action: &str) -> Value {
     json!({"type": "admin", "request_id": rid, "payload": {"action": action}})
@@ -32,7 +15,7 @@ fn admin(rid: &str, action: &str) -> Value {
 #[tokio::test]
 async fn a_hundred_concurrent_requests_each_answered_once() {
     let s = TestServer::start_with_config("[server]\nmax_in_flight = 128\n").await;
-    let (mut r, _) = raw_session(&s).await;
+    let (mut r, _) = s.raw_session("raw").await;
     for i in 0..100 {
         let action = if i % 2 == 0 {
             "get_dashboard"
@@ -66,25 +49,25 @@ async fn a_hundred_concurrent_requests_each_answered_once() {
 #[tokio::test]
 async fn in_flight_cap_and_duplicate_ids() {
     let s = TestServer::start_with_config("[server]\nmax_in_flight = 2\n").await;
-    let (mut r, id) = raw_session(&s).await;
+    let (mut r, id) = s.raw_session("raw").await;
     // Another device to revoke: the target of a revocation cannot decide it
     // (SPEC §8 Limits, v1.1), and this session decides below.
     let dev = s.phone("target").await.1.device_id();
     // Gated requests stay in flight until decided.
     let revoke = |rid: &str| json!({"type": "admin", "request_id": rid, "payload": {"action": "revoke_device", "device_id": dev}});
     r.send_json(&revoke("g1")).await.unwrap();
-    let req1 = until(&mut r, |f| f["type"] == "approval_request").await;
+    let req1 = recv_until(&mut r, |f| f["type"] == "approval_request").await;
     r.send_json(&revoke("g1")).await.unwrap();
-    let dup = until(&mut r, |f| f["type"] == "admin_response").await;
+    let dup = recv_until(&mut r, |f| f["type"] == "admin_response").await;
     assert_eq!(dup["request_id"], "g1");
     assert_error(&dup["payload"], "duplicate_request_id");
     r.send_json(&revoke("g2")).await.unwrap();
-    let _ = until(&mut r, |f| {
+    let _ = recv_until(&mut r, |f| {
         f["type"] == "approval_request" && f["request_id"] == "g2"
     })
     .await;
     r.send_json(&admin("x", "get_dashboard")).await.unwrap();
-    let busy = until(&mut r, |f| f["type"] == "admin_response").await;
+    let busy = recv_until(&mut r, |f| f["type"] == "admin_response").await;
     assert_eq!(busy["request_id"], "x");
     assert_error(&busy["payload"], "busy");
     assert!(busy["payload"]["retry_after_ms"].as_u64().is_some());
@@ -94,19 +77,19 @@ async fn in_flight_cap_and_duplicate_ids() {
     ))
     .await
     .unwrap();
-    let done = until(&mut r, |f| f["type"] == "admin_response").await;
+    let done = recv_until(&mut r, |f| f["type"] == "admin_response").await;
     assert_eq!(done["request_id"], "g1");
     assert_error(&done["payload"], "approval_denied");
     // Room again.
     r.send_json(&admin("y", "get_dashboard")).await.unwrap();
-    let ok = until(&mut r, |f| f["type"] == "admin_response").await;
+    let ok = recv_until(&mut r, |f| f["type"] == "admin_response").await;
     assert_eq!(ok["payload"]["result"], "dashboard");
 }
 
 #[tokio::test]
 async fn malformed_frames_are_answered_and_the_session_goes_on() {
     let s = TestServer::start().await;
-    let (mut r, _) = raw_session(&s).await;
+    let (mut r, _) = s.raw_session("raw").await;
     let cases: Vec<(String, &str)> = vec![
         ("{oops".into(), "invalid_json"),
         ("[1,2".into(), "invalid_json"),
@@ -179,7 +162,7 @@ async fn envelope_level_errors() {
 #[tokio::test]
 async fn oversized_frame_closes_with_1009() {
     let s = TestServer::start_with_config("[server]\nmax_frame_bytes = 4096\n").await;
-    let (mut r, _) = raw_session(&s).await;
+    let (mut r, _) = s.raw_session("raw").await;
     r.send_json(&json!({"type": "admin", "request_id": "big", "payload": {"action": "get_dashboard", "pad": "x".repeat(5000)}}))
         .await
         .unwrap();

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
-use common::TestServer;
+use common::{TestServer, approval_text, spawn_request};
 use mobile_client_sim::Client;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -733,16 +733,8 @@ async fn the_owner_pairs_administers_and_deletes_a_memory_with_the_passkey() {
 /// Starts `update_config` from the phone (it waits for the approval) and
 /// returns the pending request's handle.
 fn request_config_change(phone: &Arc<Client>, secs: u64) -> tokio::task::JoinHandle<Value> {
-    let phone = phone.clone();
-    tokio::spawn(async move {
-        phone
-            .request(
-                "update_config",
-                json!({"section": "approvals", "value": {"timeout_secs": secs}}),
-            )
-            .await
-            .unwrap()
-    })
+    let params = json!({"section": "approvals", "value": {"timeout_secs": secs}});
+    spawn_request(phone, "update_config", params)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -788,7 +780,7 @@ async fn the_page_approves_a_config_change_sent_by_mobile_sim() {
         .unwrap();
     assert_eq!(r["result"], "success", "{r}");
     card_gone(&p, &approval).await;
-    let text = std::fs::read_to_string(s.path().join("config.toml")).unwrap();
+    let text = s.config_text();
     assert!(text.contains("timeout_secs = 77"), "{text}");
 
     // The connection indicator notices a stopped server and retries; an
@@ -850,15 +842,11 @@ async fn the_page_denies_with_the_passkey() {
     let (phone, _) = s.phone("Pixel 9").await;
     let phone = Arc::new(phone);
     // A change carrying a secret: the card shows its commitment, never the value.
-    let p2 = phone.clone();
-    let pending = tokio::spawn(async move {
-        p2.request(
-            "update_config",
-            json!({"section": "llm", "value": {"model": "m2", "api_key": "sk-very-secret-value"}}),
-        )
-        .await
-        .unwrap()
-    });
+    let pending = spawn_request(
+        &phone,
+        "update_config",
+        json!({"section": "llm", "value": {"model": "m2", "api_key": "sk-very-secret-value"}}),
+    );
     let approval = card_for(&p, "update_config").await;
     let card = format!("article[data-approval=\"{approval}\"]");
     let mark = p
@@ -888,19 +876,6 @@ async fn the_page_denies_with_the_passkey() {
         !text.contains("m2") && !text.contains("sk-very"),
         "nothing changed"
     );
-}
-
-/// The APPROVAL string of SPEC §4 for a request and decision.
-fn approval_bytes(req: &Value, decision: &str) -> String {
-    let s = |k: &str| req[k].as_str().unwrap().to_string();
-    [
-        "secrets-agent/v1/approval".to_string(),
-        s("approval_id"),
-        s("action_digest"),
-        s("challenge"),
-        decision.to_string(),
-    ]
-    .join("\n")
 }
 
 /// An assertion made in the page for `signed`, as the test (not the app)
@@ -1009,7 +984,7 @@ async fn forged_replayed_and_unverified_assertions_are_refused() {
         json!({"authenticatorId": authenticator, "isUserVerified": false}),
     )
     .await;
-    let no_uv = assertion(&p, &cred, &approval_bytes(a, "approve"), "discouraged").await;
+    let no_uv = assertion(&p, &cred, &approval_text(a, "approve"), "discouraged").await;
     let flags = URL_SAFE_NO_PAD
         .decode(no_uv["authenticator_data"].as_str().unwrap())
         .unwrap()[32];
@@ -1036,8 +1011,8 @@ async fn forged_replayed_and_unverified_assertions_are_refused() {
     .await;
 
     // Two good assertions: x for A (count n), y for B (count n + 1).
-    let x = assertion(&p, &cred, &approval_bytes(a, "approve"), "required").await;
-    let y = assertion(&p, &cred, &approval_bytes(bb, "approve"), "required").await;
+    let x = assertion(&p, &cred, &approval_text(a, "approve"), "required").await;
+    let y = assertion(&p, &cred, &approval_text(bb, "approve"), "required").await;
     assert!(count_of(&y) > count_of(&x));
     assert_eq!(
         answer(&phone, &browser_device, bb, "approve", &y).await,
@@ -1064,13 +1039,13 @@ async fn forged_replayed_and_unverified_assertions_are_refused() {
         "bad_signature"
     );
     // A fresh assertion made for C, sent for A.
-    let for_c = assertion(&p, &cred, &approval_bytes(c, "approve"), "required").await;
+    let for_c = assertion(&p, &cred, &approval_text(c, "approve"), "required").await;
     assert_eq!(
         answer(&phone, &browser_device, a, "approve", &for_c).await,
         "bad_signature"
     );
     // A signature for "deny" sent as "approve".
-    let deny = assertion(&p, &cred, &approval_bytes(a, "deny"), "required").await;
+    let deny = assertion(&p, &cred, &approval_text(a, "deny"), "required").await;
     assert_eq!(
         answer(&phone, &browser_device, a, "approve", &deny).await,
         "bad_signature"
@@ -1079,7 +1054,7 @@ async fn forged_replayed_and_unverified_assertions_are_refused() {
     // From another origin: another localhost port shares the rp id, not the origin.
     let other = TestServer::start().await;
     p.goto(&format!("{}/", web_origin(&other))).await;
-    let foreign = assertion(&p, &cred, &approval_bytes(a, "approve"), "required").await;
+    let foreign = assertion(&p, &cred, &approval_text(a, "approve"), "required").await;
     let cd: Value = serde_json::from_slice(
         &URL_SAFE_NO_PAD
             .decode(foreign["client_data_json"].as_str().unwrap())
@@ -1120,7 +1095,7 @@ async fn forged_replayed_and_unverified_assertions_are_refused() {
 
     // And A can still be approved properly, back on the web origin.
     p.goto(&format!("{}/", web_origin(&s))).await;
-    let good = assertion(&p, &cred, &approval_bytes(a, "approve"), "required").await;
+    let good = assertion(&p, &cred, &approval_text(a, "approve"), "required").await;
     assert_eq!(
         answer(&phone, &browser_device, a, "approve", &good).await,
         "decided"

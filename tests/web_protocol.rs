@@ -6,11 +6,9 @@
 
 mod common;
 
-use std::time::Duration;
-
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use common::TestServer;
+use common::{TestServer, approval_text, recv_until, spawn_request};
 use mobile_client_sim::{ApprovalAlg, Identity, RawConn, proto};
 use p256::ecdsa::SigningKey;
 use p256::ecdsa::signature::Signer as _;
@@ -155,16 +153,6 @@ async fn pair(
     (r, answer)
 }
 
-fn approval_string(req: &Value, decision: &str) -> String {
-    let s = |k: &str| req[k].as_str().unwrap().to_string();
-    proto::approval_string(
-        &s("approval_id"),
-        &s("action_digest"),
-        &s("challenge"),
-        decision,
-    )
-}
-
 /// Sends an approval_response for `req` from the passkey device over `r`;
 /// "decided" or the error code.
 async fn respond(
@@ -178,16 +166,10 @@ async fn respond(
     let frame = json!({"type": "approval_response", "approval_id": id, "device_id": device_id,
                        "decision": decision, "signature": sig});
     r.send_json(&frame).await.unwrap();
-    let f = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            let f = r.recv_frame().await.unwrap();
-            if (f["type"] == "error" || f["type"] == "approval_result") && f["approval_id"] == id {
-                return f;
-            }
-        }
+    let f = recv_until(r, |f| {
+        (f["type"] == "error" || f["type"] == "approval_result") && f["approval_id"] == id
     })
-    .await
-    .unwrap();
+    .await;
     if f["type"] == "error" {
         f["code"].as_str().unwrap().to_string()
     } else {
@@ -197,16 +179,7 @@ async fn respond(
 
 /// Waits for the next `approval_request` on a raw connection.
 async fn next_request(r: &mut RawConn) -> Value {
-    tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            let f = r.recv_frame().await.unwrap();
-            if f["type"] == "approval_request" {
-                return f;
-            }
-        }
-    })
-    .await
-    .unwrap()
+    recv_until(r, |f| f["type"] == "approval_request").await
 }
 
 fn sign_count(s: &TestServer, device_id: &str) -> i64 {
@@ -245,17 +218,13 @@ async fn a_passkey_pairs_and_approves_with_schema_valid_frames() {
     assert!(devices.to_string().contains("webauthn-es256"));
 
     let phone = std::sync::Arc::new(phone);
-    let p2 = phone.clone();
-    let wait = tokio::spawn(async move {
-        p2.request(
-            "update_config",
-            json!({"section": "approvals", "value": {"timeout_secs": 90}}),
-        )
-        .await
-        .unwrap()
-    });
+    let wait = spawn_request(
+        &phone,
+        "update_config",
+        json!({"section": "approvals", "value": {"timeout_secs": 90}}),
+    );
     let req = next_request(&mut r).await;
-    let sig = pk.sign(&origin(&s), &approval_string(&req, "approve"));
+    let sig = pk.sign(&origin(&s), &approval_text(&req, "approve"));
     let frame = json!({"type": "approval_response", "approval_id": req["approval_id"],
         "device_id": id.device_id(), "decision": "approve", "signature": sig});
     assert_valid(&schema("frames/approval_response.json"), &frame);
@@ -283,17 +252,13 @@ async fn each_webauthn_rule_refuses_and_changes_nothing() {
     assert_eq!(ok["type"], "pair_ok");
     let (phone, _) = s.phone("Pixel").await;
     let phone = std::sync::Arc::new(phone);
-    let p2 = phone.clone();
-    let wait = tokio::spawn(async move {
-        p2.request(
-            "update_config",
-            json!({"section": "approvals", "value": {"timeout_secs": 91}}),
-        )
-        .await
-        .unwrap()
-    });
+    let wait = spawn_request(
+        &phone,
+        "update_config",
+        json!({"section": "approvals", "value": {"timeout_secs": 91}}),
+    );
     let req = next_request(&mut r).await;
-    let text = approval_string(&req, "approve");
+    let text = approval_text(&req, "approve");
     let dev = id.device_id();
     let before = sign_count(&s, &dev);
     let n = pk.count + 1;

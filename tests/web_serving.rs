@@ -299,12 +299,7 @@ async fn pair_json_carries_the_web_url_and_qr_prints_it() {
         "[server]\nweb_origin = \"https://agent.example.net:7420\"\n",
     )
     .await;
-    let out = std::process::Command::new(common::bin())
-        .args(["pair", "--json", "--data-dir"])
-        .arg(s2.path())
-        .output()
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = common::pair_json(s2.path());
     assert!(
         v["web_url"]
             .as_str()

@@ -5,46 +5,13 @@
 
 mod common;
 
-use std::io::Write;
-use std::sync::{Mutex, Once};
 use std::time::Duration;
 
-use common::TestServer;
+use common::{TestServer, capture_logs, logged};
 use secrets_agent::scheduler::run::ERROR_TAIL;
 use serde_json::{Value, json};
 
 const T: Duration = Duration::from_secs(30);
-
-/// Everything the process logged (every test in this file shares it).
-static LOG: Mutex<Vec<u8>> = Mutex::new(Vec::new());
-
-struct Capture;
-impl Write for Capture {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        LOG.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// Installs what `secrets-agent serve` installs, at `SECRETS_AGENT_LOG=trace`
-/// (including the `log` bridge, so the HTTP client's own lines count too).
-fn capture_logs() {
-    static INIT: Once = Once::new();
-    INIT.call_once(|| {
-        tracing_subscriber::fmt()
-            .with_env_filter(secrets_agent::logging::filter("trace"))
-            .with_ansi(false)
-            .with_writer(|| Capture)
-            .init();
-    });
-}
-
-fn logged() -> String {
-    String::from_utf8_lossy(&LOG.lock().unwrap()).to_string()
-}
 
 fn task(name: &str, rest: &str) -> String {
     format!("[[tasks]]\nname = \"{name}\"\ncron = \"0 0 1 1 *\"\n{rest}\n")

@@ -6,7 +6,6 @@ use std::path::Path;
 use std::process::{Output, Stdio};
 use std::time::Duration;
 
-use mobile_client_sim::{Client, Identity};
 use serde_json::Value;
 use tokio::io::AsyncWriteExt;
 
@@ -54,21 +53,6 @@ pub fn spawn_cli(dir: &Path, args: &[&str], stdin: &[u8]) -> tokio::task::JoinHa
         let a: Vec<&str> = args.iter().map(String::as_str).collect();
         cli(&dir, &a, &stdin).await
     })
-}
-
-/// The next `approval_request` the phone gets.
-pub async fn next_request(phone: &Client) -> Value {
-    phone
-        .wait_event(T, |f| f["type"] == "approval_request")
-        .await
-        .expect("an approval_request")
-}
-
-/// Waits for the next approval request and answers it; returns it.
-pub async fn answer_next(phone: &Client, id: &Identity, decision: &str) -> Value {
-    let req = next_request(phone).await;
-    phone.answer_approval(id, &req, decision).await.unwrap();
-    req
 }
 
 pub fn code(o: &Output) -> i32 {
