@@ -217,6 +217,16 @@ pub async fn start(opts: Options) -> Result<ServerHandle, StartError> {
     let gated = registry.gated_names();
     state.tasks.spawn(watch_revocations(state.clone()));
     state.tasks.spawn(report_failures(state.clone()));
+    {
+        let (last_seen, db, stop) = (
+            state.last_seen.clone(),
+            state.db.clone(),
+            state.shutdown.clone(),
+        );
+        state
+            .tasks
+            .spawn(async move { last_seen.run(db, stop).await });
+    }
     state
         .tasks
         .spawn(state.memory.clone().watch(state.shutdown.clone()));

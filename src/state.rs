@@ -63,6 +63,8 @@ pub struct AppState {
     pub clock: Clock,
     pub sessions: Arc<Sessions>,
     pub limiter: HandshakeLimiter,
+    /// Devices' `last_seen`, noted by the handshake and written in batches.
+    pub last_seen: Arc<crate::auth::last_seen::LastSeen>,
     pub audit: Arc<AuditLog>,
     pub approvals: Approvals,
     pub plugins: Arc<Plugins>,
@@ -155,6 +157,7 @@ impl AppState {
             clock,
             sessions,
             limiter,
+            last_seen: Arc::default(),
             audit,
             approvals: Approvals::default(),
             plugins,

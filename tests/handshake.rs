@@ -413,3 +413,48 @@ async fn wss_with_a_configured_certificate() {
     );
     h.shutdown().await;
 }
+
+/// `last_seen` is written off the handshake path (in batches, within a
+/// second) but `list_devices` shows it at once, and it is on disk after a
+/// clean stop: nothing noted is lost.
+#[tokio::test]
+async fn last_seen_is_shown_at_once_and_kept_across_a_restart() {
+    let mut s = TestServer::start().await;
+    let (_c, id) = s.phone("seen").await;
+    let device = id.device_id();
+    let (c1, _) = s.connect(&id).await;
+    let before = c1.request("list_devices", json!({})).await.unwrap();
+    let seen = |v: &Value| -> String {
+        v["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["device_id"] == device.as_str())
+            .unwrap()["last_seen"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let first = seen(&before);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    // A new handshake moves it, and the very next list shows the new time.
+    let (c2, _) = s.connect(&id).await;
+    let second = seen(&c2.request("list_devices", json!({})).await.unwrap());
+    assert!(second > first, "{second} after {first}");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let (_c3, _) = s.connect(&id).await;
+    // A clean stop writes what was noted, without any list first.
+    s.stop().await;
+    let db = rusqlite::Connection::open(s.path().join("agent.db")).unwrap();
+    let stored: i64 = db
+        .query_row(
+            "SELECT last_seen FROM devices WHERE device_id = ?1",
+            [device.as_str()],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let second_ms = chrono::DateTime::parse_from_rfc3339(&second)
+        .unwrap()
+        .timestamp_millis();
+    assert!(stored > second_ms, "{stored} after {second_ms}");
+}

@@ -332,11 +332,8 @@ async fn auth(state: &AppState, issued: &Issued, f: &Value) -> Result<Authentica
     let sig = state
         .key
         .sign_auth_ok(&session_id, &device_id, client_nonce);
-    let (id, now) = (device_id.clone(), state.clock.now_ms());
-    let _ = state
-        .db
-        .call(move |c| devices::touch_last_seen(c, &id, now))
-        .await;
+    // Written in a batch within a second (`last_seen.rs`), not here.
+    state.last_seen.note(&device_id, state.clock.now_ms());
     Ok(Authenticated {
         reply: frames::auth_ok(&session_id, &device_id, &sig),
         device_id,

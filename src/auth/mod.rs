@@ -3,6 +3,7 @@
 
 pub mod handshake;
 pub mod keys;
+pub mod last_seen;
 pub mod pairing;
 pub mod ratelimit;
 pub mod webauthn;

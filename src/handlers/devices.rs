@@ -23,6 +23,11 @@ pub fn device_json(d: &Device) -> Value {
 }
 
 pub async fn list_devices(state: Arc<AppState>, _caller: Caller, _p: NoParams) -> ActionResult {
+    state
+        .last_seen
+        .flush(&state.db)
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
     let devices = state
         .db
         .call(|c| db_list(c))

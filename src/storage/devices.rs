@@ -43,7 +43,8 @@ const DEVICE_COLS: &str = "device_id, device_name, public_key, approval_public_k
 
 pub fn get_device(c: &Connection, device_id: &str) -> Result<Option<Device>, StorageError> {
     let sql = format!("SELECT {DEVICE_COLS} FROM devices WHERE device_id = ?1");
-    Ok(c.query_row(&sql, [device_id], Device::from_row)
+    Ok(c.prepare_cached(&sql)?
+        .query_row([device_id], Device::from_row)
         .optional()?)
 }
 
@@ -84,10 +85,8 @@ pub fn revoked_among(c: &Connection, ids: &[String]) -> Result<Vec<String>, Stor
 }
 
 pub fn touch_last_seen(c: &Connection, device_id: &str, now_ms: i64) -> Result<(), StorageError> {
-    c.execute(
-        "UPDATE devices SET last_seen = ?2 WHERE device_id = ?1",
-        params![device_id, now_ms],
-    )?;
+    c.prepare_cached("UPDATE devices SET last_seen = ?2 WHERE device_id = ?1")?
+        .execute(params![device_id, now_ms])?;
     Ok(())
 }
 
