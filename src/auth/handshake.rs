@@ -13,8 +13,10 @@ use super::pairing::code_hash;
 use super::webauthn;
 use crate::protocol::AuthErrorCode;
 use crate::protocol::frames::{self, PROTOCOL};
+use crate::protocol::handshake::{AuthFrame, HandshakeHead, PairFrame};
 use crate::state::AppState;
 use crate::storage::devices::{self, NewDevice, Paired};
+use serde::Deserialize;
 
 /// The challenge issued on this connection.
 #[derive(Debug, Clone)]
@@ -64,17 +66,9 @@ impl Refused {
 
 use AuthErrorCode as E;
 
-fn str_field<'a>(v: &'a Value, name: &str) -> Result<&'a str, Refused> {
-    v.get(name).and_then(Value::as_str).ok_or_else(|| {
-        Refused::new(
-            E::InvalidRequest,
-            format!("missing or non-string field `{name}`"),
-        )
-    })
-}
-
-fn b64_field(v: &Value, name: &str, len: Option<usize>) -> Result<Vec<u8>, Refused> {
-    let bytes = unb64(str_field(v, name)?).ok_or_else(|| {
+/// The bytes of base64url field `name` (holding `text`), of length `len` if given.
+fn b64_field(name: &str, text: &str, len: Option<usize>) -> Result<Vec<u8>, Refused> {
+    let bytes = unb64(text).ok_or_else(|| {
         Refused::new(
             E::InvalidRequest,
             format!("field `{name}` is not base64url"),
@@ -90,6 +84,12 @@ fn b64_field(v: &Value, name: &str, len: Option<usize>) -> Result<Vec<u8>, Refus
         )),
         _ => Ok(bytes),
     }
+}
+
+/// The typed frame of `kind` from the parsed first frame.
+fn typed<T: serde::de::DeserializeOwned>(frame: Value, kind: &str) -> Result<T, Refused> {
+    T::deserialize(frame)
+        .map_err(|e| Refused::new(E::InvalidRequest, format!("invalid `{kind}` frame: {e}")))
 }
 
 fn new_session_id() -> String {
@@ -127,9 +127,11 @@ pub async fn handle(
             .await;
         }
     };
-    let kind = frame.get("type").and_then(Value::as_str).unwrap_or("");
-    let pairing = kind == "pair";
-    if kind != "auth" && !pairing {
+    let head = HandshakeHead::deserialize(&frame).unwrap_or(HandshakeHead {
+        kind: None,
+        protocol: None,
+    });
+    let Some(kind) = head.kind() else {
         let msg = "authenticate first: answer the challenge with an `auth` or `pair` frame";
         return fail(
             state,
@@ -139,14 +141,15 @@ pub async fn handle(
             Refused::new(E::Unauthenticated, msg),
         )
         .await;
-    }
+    };
+    let pairing = kind == "pair";
     if pairing && let Err(ms) = state.limiter.check_pairing() {
         return Err(Refused {
             retry_after_ms: Some(ms),
             ..Refused::new(E::RateLimited, "too many failed pairings; retry later")
         });
     }
-    match frame.get("protocol") {
+    match &head.protocol {
         Some(p) if p.as_u64() == Some(PROTOCOL) => {}
         Some(p) if p.is_number() => {
             let r = Refused::new(
@@ -167,9 +170,15 @@ pub async fn handle(
         }
     }
     let result = if pairing {
-        pair(state, issued, &frame).await
+        match typed(frame, kind) {
+            Ok(f) => pair(state, issued, f).await,
+            Err(r) => Err((None, r)),
+        }
     } else {
-        auth(state, issued, &frame).await
+        match typed(frame, kind) {
+            Ok(f) => auth(state, issued, f).await,
+            Err(r) => Err((None, r)),
+        }
     };
     match result {
         Ok(ok) => {
@@ -277,19 +286,17 @@ pub fn device_name_problem(name: &str) -> Option<&'static str> {
 
 type Failed = (Option<String>, Refused);
 
-async fn auth(state: &AppState, issued: &Issued, f: &Value) -> Result<Authenticated, Failed> {
+async fn auth(state: &AppState, issued: &Issued, f: AuthFrame) -> Result<Authenticated, Failed> {
     let no_dev = |r| (None, r);
-    let device_id = str_field(f, "device_id").map_err(no_dev)?.to_string();
-    let nonce = str_field(f, "nonce").map_err(no_dev)?;
-    let client_nonce = str_field(f, "client_nonce").map_err(no_dev)?;
-    b64_field(f, "client_nonce", Some(32)).map_err(no_dev)?;
-    let ts = f.get("ts").and_then(Value::as_i64).ok_or_else(|| {
-        no_dev(Refused::new(
-            E::InvalidRequest,
-            "missing or non-integer field `ts`",
-        ))
-    })?;
-    let signature = b64_field(f, "signature", None).map_err(no_dev)?;
+    let AuthFrame {
+        device_id,
+        nonce,
+        client_nonce,
+        ts,
+        signature,
+    } = f;
+    b64_field("client_nonce", &client_nonce, Some(32)).map_err(no_dev)?;
+    let signature = b64_field("signature", &signature, None).map_err(no_dev)?;
     if nonce != issued.nonce || ts != issued.ts {
         return Err(no_dev(Refused::new(
             E::BadNonce,
@@ -317,9 +324,9 @@ async fn auth(state: &AppState, issued: &Issued, f: &Value) -> Result<Authentica
     let msg = signed_string(&[
         AUTH_LABEL,
         state.key.public_b64(),
-        nonce,
+        &nonce,
         &device_id,
-        client_nonce,
+        &client_nonce,
         &ts.to_string(),
     ]);
     if !verify_ed25519(&device.public_key, msg.as_bytes(), &signature) {
@@ -331,7 +338,7 @@ async fn auth(state: &AppState, issued: &Issued, f: &Value) -> Result<Authentica
     let session_id = new_session_id();
     let sig = state
         .key
-        .sign_auth_ok(&session_id, &device_id, client_nonce);
+        .sign_auth_ok(&session_id, &device_id, &client_nonce);
     // Written in a batch within a second (`last_seen.rs`), not here.
     state.last_seen.note(&device_id, state.clock.now_ms());
     Ok(Authenticated {
@@ -351,18 +358,30 @@ enum PairApproval {
     },
 }
 
-fn approval_signature(f: &Value, alg: ApprovalAlg) -> Result<PairApproval, Refused> {
+fn approval_signature(f: &PairFrame, alg: ApprovalAlg) -> Result<PairApproval, Refused> {
     if alg != ApprovalAlg::WebauthnEs256 {
-        return b64_field(f, "approval_signature", None).map(PairApproval::Raw);
+        let Some(text) = f.approval_signature.as_str() else {
+            return Err(Refused::new(
+                E::InvalidRequest,
+                "missing or non-string field `approval_signature`",
+            ));
+        };
+        return b64_field("approval_signature", text, None).map(PairApproval::Raw);
     }
-    let credential_id = b64_field(f, "webauthn_credential_id", None)?;
+    let Some(id_text) = f.webauthn_credential_id.as_deref() else {
+        return Err(Refused::new(
+            E::InvalidRequest,
+            "missing or non-string field `webauthn_credential_id`",
+        ));
+    };
+    let credential_id = b64_field("webauthn_credential_id", id_text, None)?;
     if credential_id.is_empty() || credential_id.len() > webauthn::MAX_CREDENTIAL_ID {
         return Err(Refused::new(
             E::InvalidRequest,
             "`webauthn_credential_id` must decode to 1 to 1023 bytes",
         ));
     }
-    let assertion = webauthn::Assertion::parse(f.get("approval_signature").unwrap_or(&Value::Null))
+    let assertion = webauthn::Assertion::parse(&f.approval_signature)
         .map_err(|e| Refused::new(E::InvalidRequest, format!("`approval_signature`: {e}")))?;
     Ok(PairApproval::Webauthn {
         assertion,
@@ -370,41 +389,30 @@ fn approval_signature(f: &Value, alg: ApprovalAlg) -> Result<PairApproval, Refus
     })
 }
 
-async fn pair(state: &AppState, issued: &Issued, f: &Value) -> Result<Authenticated, Failed> {
+async fn pair(state: &AppState, issued: &Issued, f: PairFrame) -> Result<Authenticated, Failed> {
     let no_dev = |r| (None, r);
-    let code = str_field(f, "code").map_err(no_dev)?.to_string();
-    let device_name = str_field(f, "device_name")
-        .map_err(no_dev)?
-        .trim()
-        .to_string();
+    let code = f.code.clone();
+    let device_name = f.device_name.trim().to_string();
     if let Some(problem) = device_name_problem(&device_name) {
         return Err(no_dev(Refused::new(E::InvalidRequest, problem)));
     }
-    let device_pk_s = str_field(f, "device_public_key").map_err(no_dev)?;
-    let device_pk = b64_field(f, "device_public_key", Some(32)).map_err(no_dev)?;
+    let device_pk_s = f.device_public_key.as_str();
+    let device_pk = b64_field("device_public_key", device_pk_s, Some(32)).map_err(no_dev)?;
     if !ApprovalAlg::Ed25519.valid_public_key(&device_pk) {
         return Err(no_dev(Refused::new(
             E::InvalidRequest,
             "`device_public_key` is not an Ed25519 public key",
         )));
     }
-    let alg_s = match f.get("approval_key_alg") {
-        None | Some(Value::Null) => "ed25519",
-        Some(v) => v.as_str().ok_or_else(|| {
-            no_dev(Refused::new(
-                E::InvalidRequest,
-                "`approval_key_alg` must be a string",
-            ))
-        })?,
-    };
+    let alg_s = f.approval_key_alg.as_deref().unwrap_or("ed25519");
     let alg = ApprovalAlg::parse(alg_s).ok_or_else(|| {
         no_dev(Refused::new(
             E::InvalidRequest,
             "`approval_key_alg` must be \"ed25519\", \"es256\" or \"webauthn-es256\"",
         ))
     })?;
-    let approval_pk_s = str_field(f, "approval_public_key").map_err(no_dev)?;
-    let approval_pk = b64_field(f, "approval_public_key", None).map_err(no_dev)?;
+    let approval_pk_s = f.approval_public_key.as_str();
+    let approval_pk = b64_field("approval_public_key", approval_pk_s, None).map_err(no_dev)?;
     if !alg.valid_public_key(&approval_pk) {
         let want = match alg {
             ApprovalAlg::Es256 => "a 65-byte uncompressed P-256 point",
@@ -422,10 +430,10 @@ async fn pair(state: &AppState, issued: &Issued, f: &Value) -> Result<Authentica
             "the approval key must differ from the device key: the biometric gate would otherwise be the session key",
         )));
     }
-    let client_nonce = str_field(f, "client_nonce").map_err(no_dev)?;
-    b64_field(f, "client_nonce", Some(32)).map_err(no_dev)?;
-    let signature = b64_field(f, "signature", None).map_err(no_dev)?;
-    let approval_signature = approval_signature(f, alg).map_err(no_dev)?;
+    let client_nonce = f.client_nonce.as_str();
+    b64_field("client_nonce", client_nonce, Some(32)).map_err(no_dev)?;
+    let signature = b64_field("signature", &f.signature, None).map_err(no_dev)?;
+    let approval_signature = approval_signature(&f, alg).map_err(no_dev)?;
 
     let now = state.clock.now_ms();
     let hash = code_hash(state.key.pairing_code_key(), &code);

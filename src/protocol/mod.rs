@@ -5,6 +5,7 @@
 
 pub mod codes;
 pub mod frames;
+pub mod handshake;
 pub mod inbound;
 
 pub use codes::{ApiError, AuthErrorCode, ErrorCode, close};
