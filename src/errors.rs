@@ -6,6 +6,7 @@
 //! internal failure (storage, I/O) goes through [`ApiError::internal`]: its
 //! detail is logged and the peer gets a generic message.
 
+use crate::memory::MemoryError;
 use crate::protocol::{ApiError, ErrorCode};
 use crate::scheduler::SchedulerError;
 
@@ -16,6 +17,18 @@ impl From<SchedulerError> for ApiError {
             SchedulerError::AlreadyRunning(_) => ApiError::new(ErrorCode::Conflict, e.to_string()),
             SchedulerError::BadLimit => ApiError::new(ErrorCode::InvalidRequest, e.to_string()),
             SchedulerError::Storage(inner) => ApiError::internal(inner.to_string()),
+        }
+    }
+}
+
+impl From<MemoryError> for ApiError {
+    fn from(e: MemoryError) -> ApiError {
+        match e {
+            MemoryError::Busy => ApiError::new(ErrorCode::Busy, e.to_string())
+                .with_retry_after(crate::memory::BUSY_RETRY_MS),
+            MemoryError::ModelUnavailable(m) => ApiError::new(ErrorCode::Unavailable, m),
+            MemoryError::Storage(inner) => ApiError::internal(inner.to_string()),
+            MemoryError::Internal(m) => ApiError::internal(m),
         }
     }
 }
@@ -44,6 +57,26 @@ mod tests {
             wire(SchedulerError::BadLimit),
             ("invalid_request", "`limit` must be in 1..=100".into())
         );
+    }
+
+    #[test]
+    fn memory_errors_keep_their_wire_codes() {
+        let busy = ApiError::from(MemoryError::Busy);
+        assert_eq!(busy.code.as_str(), "busy");
+        assert!(
+            busy.message.starts_with("memory is busy"),
+            "{}",
+            busy.message
+        );
+        assert_eq!(busy.retry_after_ms, Some(crate::memory::BUSY_RETRY_MS));
+        let down = ApiError::from(MemoryError::ModelUnavailable("run the fetch".into()));
+        assert_eq!(
+            (down.code.as_str(), down.message.as_str()),
+            ("unavailable", "run the fetch")
+        );
+        let inner = ApiError::from(MemoryError::Internal("index update failed: x".into()));
+        assert_eq!(inner.code.as_str(), "internal");
+        assert!(!inner.message.contains("index update"));
     }
 
     #[test]

@@ -22,7 +22,6 @@ use serde::Deserialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use crate::protocol::{ApiError, ErrorCode};
 use crate::storage::{Db, StorageError};
 use embedder::{Embedder, Status};
 use index::VectorIndex;
@@ -124,9 +123,26 @@ impl std::fmt::Debug for Memory {
     }
 }
 
-fn storage(e: StorageError) -> ApiError {
-    ApiError::internal(e.to_string())
+/// Why a memory operation failed (the wire code is chosen in `errors.rs`).
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// [`MAX_ADMITTED`] requests are being served already.
+    #[error(
+        "memory is busy: {MAX_ADMITTED} memory requests are already being served; retry shortly"
+    )]
+    Busy,
+    /// The embedding model cannot be used (the text says why and what to do).
+    #[error("{0}")]
+    ModelUnavailable(String),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// Anything else that went wrong inside the server.
+    #[error("{0}")]
+    Internal(String),
 }
+
+/// `retry_after_ms` suggested with [`MemoryError::Busy`].
+pub const BUSY_RETRY_MS: u64 = BUSY_RETRY_AFTER_MS;
 
 impl Memory {
     /// Loads every stored vector into the index and starts the embedder.
@@ -156,27 +172,19 @@ impl Memory {
 
     /// Admits one memory request, or answers `busy` at once when
     /// [`MAX_ADMITTED`] are already admitted. Hold the value until done.
-    pub fn admit(&self) -> Result<Admission, ApiError> {
+    pub fn admit(&self) -> Result<Admission, MemoryError> {
         self.admitted
             .clone()
             .try_acquire_owned()
             .map(Admission)
-            .map_err(|_| {
-                ApiError::new(
-                    ErrorCode::Busy,
-                    format!(
-                        "memory is busy: {MAX_ADMITTED} memory requests are already being served; retry shortly"
-                    ),
-                )
-                .with_retry_after(BUSY_RETRY_AFTER_MS)
-            })
+            .map_err(|_| MemoryError::Busy)
     }
 
     /// Runs `f` on the index (under its write lock) on the blocking pool.
     async fn update_index<R: Send + 'static>(
         &self,
         f: impl FnOnce(&mut VectorIndex) -> R + Send + 'static,
-    ) -> Result<R, ApiError> {
+    ) -> Result<R, MemoryError> {
         let (index, count) = (self.index.clone(), self.count.clone());
         tokio::task::spawn_blocking(move || {
             let mut idx = index.write().unwrap_or_else(|p| p.into_inner());
@@ -185,40 +193,39 @@ impl Memory {
             r
         })
         .await
-        .map_err(|e| ApiError::internal(format!("index update failed: {e}")))
+        .map_err(|e| MemoryError::Internal(format!("index update failed: {e}")))
     }
 
-    fn model_id(&self) -> Result<String, ApiError> {
+    fn model_id(&self) -> Result<String, MemoryError> {
         match self.embedder.status() {
             Status::Ready { model_id } => Ok(model_id),
-            Status::Unavailable(m) => Err(ApiError::new(ErrorCode::Unavailable, m)),
+            Status::Unavailable(m) => Err(MemoryError::ModelUnavailable(m)),
             Status::Loading => Ok(String::new()),
         }
     }
 
-    async fn embed(&self, texts: Vec<String>) -> Result<(Vec<Vec<f32>>, String), ApiError> {
+    async fn embed(&self, texts: Vec<String>) -> Result<(Vec<Vec<f32>>, String), MemoryError> {
         self.model_id()?;
         let vs = self
             .embedder
             .embed(texts)
             .await
-            .map_err(|m| ApiError::new(ErrorCode::Unavailable, m))?;
+            .map_err(MemoryError::ModelUnavailable)?;
         Ok((vs, self.model_id()?))
     }
 
     /// Stores a memory with its embedding; visible to list and search once
     /// this returns.
-    pub async fn create(&self, entry: Entry) -> Result<Entry, ApiError> {
+    pub async fn create(&self, entry: Entry) -> Result<Entry, MemoryError> {
         let (mut vs, model_id) = self.embed(vec![entry.content.clone()]).await?;
         let v = vs
             .pop()
-            .ok_or_else(|| ApiError::internal("no embedding returned"))?;
+            .ok_or_else(|| MemoryError::Internal("no embedding returned".into()))?;
         let (e2, v2) = (entry.clone(), v.clone());
         let rowids = self
             .db
             .call(move |c| store::insert_batch(c, &[(e2, v2)], &model_id))
-            .await
-            .map_err(storage)?;
+            .await?;
         let (id, rowid) = (entry.id.clone(), rowids[0]);
         self.update_index(move |idx| {
             idx.insert(&id, &v);
@@ -228,31 +235,31 @@ impl Memory {
         Ok(entry)
     }
 
-    pub async fn delete(&self, id: &str) -> Result<bool, ApiError> {
+    pub async fn delete(&self, id: &str) -> Result<bool, MemoryError> {
         let id2 = id.to_string();
-        let found = self
-            .db
-            .call(move |c| store::delete(c, &id2))
-            .await
-            .map_err(storage)?;
+        let found = self.db.call(move |c| store::delete(c, &id2)).await?;
         let id = id.to_string();
         self.update_index(move |idx| idx.remove(&id)).await?;
         Ok(found)
     }
 
     /// Best first: (entry, cosine similarity).
-    pub async fn search(&self, query: &str, limit: usize) -> Result<Vec<(Entry, f32)>, ApiError> {
+    pub async fn search(
+        &self,
+        query: &str,
+        limit: usize,
+    ) -> Result<Vec<(Entry, f32)>, MemoryError> {
         let (mut vs, _) = self.embed(vec![query.to_string()]).await?;
         let q = vs
             .pop()
-            .ok_or_else(|| ApiError::internal("no embedding returned"))?;
+            .ok_or_else(|| MemoryError::Internal("no embedding returned".into()))?;
         // The scan is CPU-bound (and takes milliseconds on a large index):
         // on the blocking pool, at most MAX_SCANS at once.
         let _scan = self
             .scans
             .acquire()
             .await
-            .map_err(|_| ApiError::internal("the scan limiter is closed"))?;
+            .map_err(|_| MemoryError::Internal("the scan limiter is closed".into()))?;
         let index = self.index.clone();
         let hits = tokio::task::spawn_blocking(move || {
             index
@@ -261,13 +268,9 @@ impl Memory {
                 .search(&q, limit)
         })
         .await
-        .map_err(|e| ApiError::internal(format!("search failed: {e}")))?;
+        .map_err(|e| MemoryError::Internal(format!("search failed: {e}")))?;
         let ids: Vec<String> = hits.iter().map(|(id, _)| id.to_string()).collect();
-        let mut entries = self
-            .db
-            .call(move |c| store::get_many(c, &ids))
-            .await
-            .map_err(storage)?;
+        let mut entries = self.db.call(move |c| store::get_many(c, &ids)).await?;
         Ok(hits
             .into_iter()
             .filter_map(|(id, s)| entries.remove(&*id).map(|e| (e, s)))
