@@ -9,6 +9,7 @@
 use crate::memory::MemoryError;
 use crate::protocol::{ApiError, ErrorCode};
 use crate::scheduler::SchedulerError;
+use crate::storage::StorageError;
 
 impl From<SchedulerError> for ApiError {
     fn from(e: SchedulerError) -> ApiError {
@@ -18,6 +19,13 @@ impl From<SchedulerError> for ApiError {
             SchedulerError::BadLimit => ApiError::new(ErrorCode::InvalidRequest, e.to_string()),
             SchedulerError::Storage(inner) => ApiError::internal(inner.to_string()),
         }
+    }
+}
+
+/// A database failure is the server's: logged in full, answered `internal`.
+impl From<StorageError> for ApiError {
+    fn from(e: StorageError) -> ApiError {
+        ApiError::internal(e.to_string())
     }
 }
 
@@ -36,7 +44,6 @@ impl From<MemoryError> for ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::StorageError;
 
     fn wire(e: SchedulerError) -> (&'static str, String) {
         let a = ApiError::from(e);

@@ -23,16 +23,8 @@ pub fn device_json(d: &Device) -> Value {
 }
 
 pub async fn list_devices(state: Arc<AppState>, _caller: Caller, _p: NoParams) -> ActionResult {
-    state
-        .last_seen
-        .flush(&state.db)
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?;
-    let devices = state
-        .db
-        .call(|c| db_list(c))
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?;
+    state.last_seen.flush(&state.db).await?;
+    let devices = state.db.call(|c| db_list(c)).await?;
     Ok(json!({"result": "devices", "devices": devices.iter().map(device_json).collect::<Vec<_>>()}))
 }
 
@@ -52,8 +44,7 @@ pub async fn prepare_revoke(
     let device = state
         .db
         .call(move |c| crate::storage::devices::get_device(c, &id))
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?
+        .await?
         .ok_or_else(|| ApiError::not_found(format!("no device {:?}", p.device_id)))?;
     let summary = format!(
         "Revoke device {} ({:?}): it will be disconnected and must pair again",
@@ -71,8 +62,7 @@ pub async fn revoke_device(state: Arc<AppState>, approved: Approved<RevokeDevice
     let found = state
         .db
         .call(move |c| crate::storage::devices::revoke_device(c, &id2))
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?;
+        .await?;
     if !found {
         return Err(ApiError::not_found(format!("no device {id:?}")));
     }

@@ -43,8 +43,7 @@ pub async fn list_memories(state: Arc<AppState>, _c: Caller, p: ListMemories) ->
     let (entries, total) = state
         .db
         .call(move |c| Ok((store::list(c, offset, per_page as i64)?, store::count(c)?)))
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?;
+        .await?;
     Ok(
         json!({"result": "memories", "entries": entries.iter().map(|e| e.to_json()).collect::<Vec<_>>(),
               "page": page, "per_page": per_page, "total": total}),
@@ -102,8 +101,7 @@ pub async fn prepare_delete(
     let entry = state
         .db
         .call(move |c| store::get(c, &id))
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?
+        .await?
         .ok_or_else(|| ApiError::not_found(format!("no memory {:?}", p.id)))?;
     let summary = format!(
         "Delete memory {}: \"{}\"",
