@@ -84,6 +84,18 @@ fn check_consistent(dir: &std::path::Path) -> Value {
     json!({"interval": n})
 }
 
+/// The server on `dir`, started for the first time, with a phone paired.
+async fn serve_with_owner(dir: &std::path::Path) -> (std::process::Child, Endpoint, Identity) {
+    let (child, url, code) = serve(dir);
+    let ep = Endpoint::new(url);
+    let mut owner = Identity::generate("owner", ApprovalAlg::Ed25519);
+    let (c, _) = client::pair(&ep, &mut owner, &code.unwrap(), None)
+        .await
+        .unwrap();
+    drop(c);
+    (child, ep, owner)
+}
+
 /// After a restart, no temp file of an interrupted write is left.
 fn no_temp_files(dir: &std::path::Path) {
     for e in std::fs::read_dir(dir).unwrap() {
@@ -95,13 +107,7 @@ fn no_temp_files(dir: &std::path::Path) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_operations_leaves_a_consistent_state() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut child, url, code) = serve(dir.path());
-    let ep = Endpoint::new(url);
-    let mut owner = Identity::generate("owner", ApprovalAlg::Ed25519);
-    let (c, _) = client::pair(&ep, &mut owner, &code.unwrap(), None)
-        .await
-        .unwrap();
-    drop(c);
+    let (mut child, ep, owner) = serve_with_owner(dir.path()).await;
     let mut victims = Vec::new();
     for i in 0..40 {
         let v = pair_json(dir.path());
@@ -230,13 +236,7 @@ fn sigkill_mid_import_leaves_whole_batches_only() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_keeps_every_synced_audit_batch() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut child, url, code) = serve(dir.path());
-    let ep = Endpoint::new(url);
-    let mut owner = Identity::generate("owner", ApprovalAlg::Ed25519);
-    let (c, _) = client::pair(&ep, &mut owner, &code.unwrap(), None)
-        .await
-        .unwrap();
-    drop(c);
+    let (mut child, ep, owner) = serve_with_owner(dir.path()).await;
     let mut url = ep.url.clone();
     let count = |dir: &std::path::Path| {
         common::audit_records(&dir.join("audit"))

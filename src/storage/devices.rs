@@ -261,13 +261,8 @@ pub fn restore_sign_count(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::Db;
 
-    fn db() -> (tempfile::TempDir, Db) {
-        let d = tempfile::tempdir().unwrap();
-        let db = Db::open(&d.path().join("agent.db")).unwrap();
-        (d, db)
-    }
+    use crate::storage::temp_db as db;
 
     #[test]
     fn five_failures_burn_every_live_code() {

@@ -278,6 +278,14 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StorageError> {
     Ok(())
 }
 
+/// A fresh database in a temp dir, for unit tests (keep the dir alive).
+#[cfg(test)]
+pub(crate) fn temp_db() -> (tempfile::TempDir, Db) {
+    let d = tempfile::tempdir().unwrap();
+    let db = Db::open(&d.path().join("agent.db")).unwrap();
+    (d, db)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

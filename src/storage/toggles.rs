@@ -105,11 +105,7 @@ impl Toggles {
 mod tests {
     use super::*;
 
-    fn db() -> (tempfile::TempDir, Db) {
-        let d = tempfile::tempdir().unwrap();
-        let db = Db::open(&d.path().join("agent.db")).unwrap();
-        (d, db)
-    }
+    use crate::storage::temp_db as db;
 
     #[tokio::test]
     async fn unset_names_follow_the_file_default() {
