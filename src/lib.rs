@@ -4,28 +4,43 @@
 //!
 //! See ARCHITECTURE.md for the map. The entry point is [`server::start`].
 
+// Crate-private: the server's inner parts, used by nothing outside it.
+pub(crate) mod approvals;
+pub(crate) mod connection;
+pub(crate) mod disk;
+pub(crate) mod errors;
+pub(crate) mod plugins;
+pub(crate) mod private_fs;
+pub(crate) mod sessions;
+pub(crate) mod skills;
+
+// The public surface, kept for these users only (ARCHITECTURE.md):
+// - the `secrets-agent` binary (`main.rs`, `secret_cli.rs`): `auth` (keys,
+//   pairing offers), `clock`, `config`, `logging`, `memory::import`,
+//   `server`, `state::DataDir`, `storage` (devices, `audit::verify`), `tls`,
+//   `web`, `secrets`;
+// - the integration tests and benches: constants and parsers they assert
+//   on (`admission::PER_PEER`, `budget::RATE_LIMITED_ACTION`,
+//   `scheduler::task`, `scheduler::run::ERROR_TAIL`, `config_file`'s
+//   failure injection, `handlers::secrets`' param types, `memory::index`);
+// - the fuzz targets: `protocol::inbound::decode`, `rpc::Registry`,
+//   `handlers::registry`, `server::test_state`.
+// Inside the crate-private modules every item is `pub(crate)` (the
+// `unreachable_pub` lint in Cargo.toml keeps it so).
 pub mod admission;
-pub mod approvals;
 pub mod auth;
 pub mod budget;
 pub mod clock;
 pub mod config;
 pub mod config_file;
-pub mod connection;
-pub mod disk;
-pub mod errors;
 pub mod handlers;
 pub mod logging;
 pub mod memory;
-pub mod plugins;
-pub mod private_fs;
 pub mod protocol;
 pub mod rpc;
 pub mod scheduler;
 pub mod secrets;
 pub mod server;
-pub mod sessions;
-pub mod skills;
 pub mod state;
 pub mod storage;
 pub mod tls;
