@@ -15,6 +15,7 @@ pub mod connection;
 pub mod disk;
 pub mod errors;
 pub mod handlers;
+pub mod ids;
 pub mod logging;
 pub mod memory;
 pub mod plugins;

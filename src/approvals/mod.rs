@@ -27,7 +27,7 @@ use serde_json::{Map, Value, json};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::keys::{APPROVAL_LABEL, ApprovalAlg, b64, random_bytes, signed_string, unb64};
+use crate::auth::keys::{APPROVAL_LABEL, ApprovalAlg, signed_string, unb64};
 use crate::auth::webauthn;
 use crate::protocol::frames;
 use crate::protocol::{ApiError, ErrorCode};
@@ -353,8 +353,8 @@ fn new_pending(
     barred_decider: Option<String>,
 ) -> (Arc<Pending>, Value) {
     let action_digest = jcs_digest(&json!({"action": action, "params": params}));
-    let approval_id = format!("apr_{}", hex::encode(random_bytes::<12>()));
-    let challenge = b64(&random_bytes::<32>());
+    let approval_id = crate::ids::approval_id();
+    let challenge = crate::ids::challenge();
     let expires_at = state.clock.now_ms() + (state.config().approvals.timeout_secs as i64) * 1000;
     let shown_origin = (!local::is_local(origin)).then_some(origin);
     let request = json!({

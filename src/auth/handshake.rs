@@ -93,7 +93,7 @@ fn b64_field(v: &Value, name: &str, len: Option<usize>) -> Result<Vec<u8>, Refus
 }
 
 fn new_session_id() -> String {
-    hex::encode(random_bytes::<16>())
+    crate::ids::session_id()
 }
 
 /// Handles the first frame of a connection. Failures are counted for rate

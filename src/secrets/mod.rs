@@ -494,10 +494,7 @@ impl Secrets {
         approval_id: &str,
         device_id: Option<&str>,
     ) -> Result<String, SecretError> {
-        let lease_id = format!(
-            "lease_{}",
-            hex::encode(crate::auth::keys::random_bytes::<12>())
-        );
+        let lease_id = crate::ids::lease_id();
         let now = self.now_ms();
         let expires = now + (lease_secs as i64) * 1000;
         let (id, names, req, reason, approval, device, kind, key) = (
