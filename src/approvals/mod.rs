@@ -35,7 +35,7 @@ use crate::rpc::{ActionResult, Caller, params_from_ref};
 use crate::sessions::SessionHandle;
 use crate::state::AppState;
 use crate::storage::audit::jcs_digest;
-use crate::storage::devices;
+use crate::storage::{self, devices};
 
 use commitment::{CommitmentKey, commit_action_secrets};
 
@@ -407,10 +407,7 @@ async fn store_pending(
     let stored = state
         .db
         .call(move |c| {
-            c.execute(
-                "INSERT INTO approvals(approval_id, request_json, status, created_at, expires_at) VALUES (?1, ?2, 'pending', ?3, ?4)",
-                rusqlite::params![id, req_text, now, expires_at],
-            )?;
+            storage::approvals::insert_pending(c, &id, &req_text, now, expires_at)?;
             Ok(match origin {
                 Some(o) => devices::get_device(c, &o)?.is_none_or(|d| d.revoked),
                 None => false,
@@ -503,11 +500,7 @@ async fn finish(
     let stored = state
         .db
         .call(move |c| {
-            c.execute(
-                "UPDATE approvals SET status = ?2, decided_at = ?3, decided_by = ?4 WHERE approval_id = ?1",
-                rusqlite::params![id, status, now, by_owned],
-            )?;
-            Ok(())
+            storage::approvals::record_decision(c, &id, status, now, by_owned.as_deref())
         })
         .await;
     if let Err(e) = stored {
@@ -765,31 +758,15 @@ pub async fn expire_stale_on_start(state: &AppState) {
     let now = state.clock.now_ms();
     let stale = state
         .db
-        .call(move |c| {
-            let tx = c.transaction()?;
-            let ids: Vec<(String, String)> = {
-                let mut st = tx.prepare(
-                    "SELECT approval_id, request_json FROM approvals WHERE status = 'pending'",
-                )?;
-                st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-                    .collect::<Result<_, _>>()?
-            };
-            tx.execute(
-                "UPDATE approvals SET status = 'expired', decided_at = ?1 WHERE status = 'pending'",
-                [now],
-            )?;
-            // Rows written before v1.1 kept the challenge; it never stays on disk.
-            tx.execute(
-                "UPDATE approvals SET request_json = json_remove(request_json, '$.challenge') WHERE json_extract(request_json, '$.challenge') IS NOT NULL",
-                [],
-            )?;
-            tx.commit()?;
-            Ok(ids)
-        })
+        .call(move |c| storage::approvals::expire_pending_at_start(c, now))
         .await;
     match stale {
-        Ok(ids) => {
-            for (id, req) in ids {
+        Ok(stale) => {
+            for storage::approvals::StaleApproval {
+                approval_id: id,
+                request_json: req,
+            } in stale
+            {
                 let v: Value = serde_json::from_str(&req).unwrap_or_default();
                 let device = v.get("origin_device_id").and_then(Value::as_str);
                 let digest = v
