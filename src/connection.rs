@@ -783,7 +783,7 @@ impl Session {
             Inbound::Notification => None,
             Inbound::ApprovalResponse(obj) => {
                 if let Some(reply) =
-                    crate::approvals::on_response(&self.state, &self.handle, &obj).await
+                    crate::approvals::on_response(&self.state, &self.handle, obj).await
                 {
                     self.send(reply).await;
                 }

@@ -23,13 +23,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::de::DeserializeOwned;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::keys::{APPROVAL_LABEL, ApprovalAlg, signed_string, unb64};
 use crate::auth::webauthn;
 use crate::protocol::frames;
+use crate::protocol::inbound::{self, ApprovalDecision, ApprovalResponseFrame};
 use crate::protocol::{ApiError, ErrorCode};
 use crate::rpc::{ActionResult, Caller, params_from_ref};
 use crate::sessions::SessionHandle;
@@ -531,41 +532,27 @@ async fn finish(
 pub async fn on_response(
     state: &AppState,
     from: &SessionHandle,
-    f: &Map<String, Value>,
+    f: ApprovalResponseFrame,
 ) -> Option<String> {
-    let approval_id = f.get("approval_id").and_then(Value::as_str);
-    let refuse = |code: ErrorCode, msg: &str| Some(frames::approval_error(code, msg, approval_id));
-    let (Some(approval_id), Some(device_id), Some(decision), Some(sig)) = (
-        approval_id,
-        f.get("device_id").and_then(Value::as_str),
-        f.get("decision").and_then(Value::as_str),
-        f.get("signature")
-            .filter(|v| v.is_string() || v.is_object()),
-    ) else {
-        return refuse(
-            ErrorCode::InvalidRequest,
-            "approval_response needs string fields approval_id, device_id, decision, signature (an object for a passkey)",
-        );
+    let approval_id = f.approval_id.as_str();
+    let refuse =
+        |code: ErrorCode, msg: &str| Some(frames::approval_error(code, msg, Some(approval_id)));
+    let (device_id, decision) = (f.device_id.as_str(), f.decision.as_str());
+    let wanted = match f.decision {
+        ApprovalDecision::Approve => Decision::Approved,
+        ApprovalDecision::Deny => Decision::Denied,
     };
-    let wanted = match decision {
-        "approve" => Decision::Approved,
-        "deny" => Decision::Denied,
-        _ => {
-            return refuse(
-                ErrorCode::InvalidRequest,
-                "decision must be \"approve\" or \"deny\"",
-            );
-        }
-    };
-    let sig = match sig {
-        Value::String(s) => match unb64(s) {
+    let sig = match f.signature {
+        inbound::ResponseSignature::Encoded(s) => match unb64(&s) {
             Some(b) => ResponseSignature::Bytes(b),
             None => return refuse(ErrorCode::InvalidRequest, "signature is not base64url"),
         },
-        obj => match webauthn::Assertion::parse(obj) {
-            Ok(a) => ResponseSignature::Webauthn(a),
-            Err(e) => return refuse(ErrorCode::InvalidRequest, e.0),
-        },
+        inbound::ResponseSignature::Assertion(obj) => {
+            match webauthn::Assertion::parse(&Value::Object(obj)) {
+                Ok(a) => ResponseSignature::Webauthn(a),
+                Err(e) => return refuse(ErrorCode::InvalidRequest, e.0),
+            }
+        }
     };
     let Some(pending) = state.approvals.get(approval_id) else {
         return refuse(
