@@ -12,8 +12,8 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use super::commitment::{CommitmentKey, commit_action_secrets};
-use super::{decide_and_finish, new_pending, notify, store_pending};
-use crate::protocol::{ApiError, ErrorCode};
+use super::{ApprovalError, decide_and_finish, new_pending, notify, store_pending, wait_until};
+use crate::protocol::ApiError;
 use crate::secrets::release::{BoxFuture, Granted, Host, PendingNotice, SecretAudit};
 use crate::state::AppState;
 use crate::storage::audit::AuditEntry;
@@ -39,7 +39,7 @@ pub async fn request(
     summary: String,
     gone: CancellationToken,
     pending_tx: Option<oneshot::Sender<PendingNotice>>,
-) -> Result<Granted, ApiError> {
+) -> Result<Granted, ApprovalError> {
     // K goes to no one: the commitment only tells different values apart.
     let (params, _) = commit_action_secrets(action, &params, &CommitmentKey::generate());
     let (pending, request) = new_pending(state, action, params, &summary, None, LOCAL_ORIGIN, None);
@@ -56,12 +56,9 @@ pub async fn request(
                 .filter(|p| p.origin_device_id == LOCAL_ORIGIN)
                 .map(|p| p.expires_at)
                 .min();
-            let wait = earliest.map_or(1000, |t| (t - now).max(1)) as u64;
-            return Err(ApiError::new(
-                ErrorCode::Busy,
-                "the local socket and tasks already have the most approvals pending (16); decide or wait for one",
-            )
-            .with_retry_after(wait));
+            return Err(ApprovalError::LocalBusy {
+                retry_after_ms: wait_until(earliest, now),
+            });
         }
     }
     // The per-origin cap (16) also holds LOCAL_ORIGIN under the lock.
@@ -97,7 +94,11 @@ impl Host for StateHost {
         gone: CancellationToken,
         pending: Option<oneshot::Sender<PendingNotice>>,
     ) -> BoxFuture<'_, Result<Granted, ApiError>> {
-        Box::pin(request(&self.0, action, params, summary, gone, pending))
+        Box::pin(async move {
+            request(&self.0, action, params, summary, gone, pending)
+                .await
+                .map_err(ApiError::from)
+        })
     }
 
     fn paired_devices(&self) -> BoxFuture<'_, Result<i64, ApiError>> {
@@ -106,7 +107,7 @@ impl Host for StateHost {
                 .db
                 .call(|c| devices::count_active_devices(c))
                 .await
-                .map_err(|e| ApiError::internal(e.to_string()))
+                .map_err(|e| ApprovalError::from(e).into())
         })
     }
 

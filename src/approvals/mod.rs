@@ -14,6 +14,7 @@
 //! cannot decide it; revoking a device expires what it originated.
 
 pub mod commitment;
+pub mod error;
 pub mod local;
 pub mod notify;
 
@@ -29,9 +30,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::keys::{APPROVAL_LABEL, ApprovalAlg, signed_string, unb64};
 use crate::auth::webauthn;
+use crate::protocol::ApiError;
 use crate::protocol::frames;
 use crate::protocol::inbound::{self, ApprovalDecision, ApprovalResponseFrame};
-use crate::protocol::{ApiError, ErrorCode};
 use crate::rpc::{ActionResult, Caller, params_from_ref};
 use crate::sessions::SessionHandle;
 use crate::state::AppState;
@@ -39,6 +40,7 @@ use crate::storage::audit::jcs_digest;
 use crate::storage::{self, devices};
 
 use commitment::{CommitmentKey, commit_action_secrets};
+pub use error::ApprovalError;
 
 /// Approvals pending at once per originating device (SPEC §8 Limits).
 pub const MAX_PENDING_PER_DEVICE: usize = 16;
@@ -189,28 +191,24 @@ impl Approvals {
 
     /// Inserts `p` unless that would pass a cap; on refusal, the `busy`
     /// error with the time until the earliest relevant expiry.
-    fn reserve(&self, p: Arc<Pending>, now: i64) -> Result<(), ApiError> {
+    fn reserve(&self, p: Arc<Pending>, now: i64) -> Result<(), ApprovalError> {
         let mut g = self.lock();
         let mine = || {
             g.values()
                 .filter(|q| q.origin_device_id == p.origin_device_id)
         };
-        let (refusal, earliest) = if mine().count() >= MAX_PENDING_PER_DEVICE {
-            (
-                "this device already has the most approvals pending (16); decide or wait for one",
-                mine().map(|q| q.expires_at).min(),
-            )
+        if mine().count() >= MAX_PENDING_PER_DEVICE {
+            Err(ApprovalError::DeviceBusy {
+                retry_after_ms: wait_until(mine().map(|q| q.expires_at).min(), now),
+            })
         } else if g.len() >= MAX_PENDING {
-            (
-                "too many approvals are pending (128); decide or wait for one",
-                g.values().map(|q| q.expires_at).min(),
-            )
+            Err(ApprovalError::AllBusy {
+                retry_after_ms: wait_until(g.values().map(|q| q.expires_at).min(), now),
+            })
         } else {
             g.insert(p.approval_id.clone(), p);
-            return Ok(());
-        };
-        let wait = earliest.map_or(1000, |t| (t - now).max(1)) as u64;
-        Err(ApiError::new(ErrorCode::Busy, refusal).with_retry_after(wait))
+            Ok(())
+        }
     }
 
     /// Devices that originated a pending approval (not the local socket's
@@ -240,6 +238,12 @@ impl Approvals {
             .filter(|p| p.decide(Decision::Expired, None))
             .count()
     }
+}
+
+/// A busy answer's `retry_after_ms`: until the earliest relevant expiry (at
+/// least 1 ms), or 1 s when there is none.
+fn wait_until(earliest: Option<i64>, now: i64) -> u64 {
+    earliest.map_or(1000, |t| (t - now).max(1)) as u64
 }
 
 /// Registers a gated action. `prepare` validates (and may refuse) before
@@ -294,7 +298,7 @@ async fn gate(
     raw: &Value,
     summary: &str,
     barred_decider: Option<String>,
-) -> Result<String, ApiError> {
+) -> Result<String, ApprovalError> {
     // Secret values are shown as commitments under a key only the requester
     // gets; the key is never stored, and its only copy moves into that event.
     let (params, commitment_key) = {
@@ -394,7 +398,7 @@ async fn store_pending(
     pending: &Arc<Pending>,
     mut request: Value,
     origin_device: Option<&str>,
-) -> Result<bool, ApiError> {
+) -> Result<bool, ApprovalError> {
     if let Some(m) = request.as_object_mut() {
         m.remove("challenge");
     }
@@ -419,7 +423,7 @@ async fn store_pending(
         Ok(revoked) => revoked,
         Err(e) => {
             state.approvals.lock().remove(&pending.approval_id);
-            return Err(ApiError::internal(e.to_string()));
+            return Err(e.into());
         }
     };
     state
@@ -441,8 +445,8 @@ async fn decide_and_finish(
     state: &AppState,
     pending: &Arc<Pending>,
     gone: Option<&CancellationToken>,
-    nothing_done: &str,
-) -> Result<Option<String>, ApiError> {
+    nothing_done: &'static str,
+) -> Result<Option<String>, ApprovalError> {
     let expiry = state.clock.instant_at(pending.expires_at);
     let requester_gone = async {
         match gone {
@@ -463,7 +467,7 @@ async fn decide_and_finish(
         }
         _ = state.shutdown.cancelled() => {
             state.approvals.lock().remove(&pending.approval_id);
-            return Err(ApiError::new(ErrorCode::Unavailable, "the server is shutting down; the approval was not decided and will be expired"));
+            return Err(ApprovalError::ShuttingDown);
         }
     };
     let (decision, by) = decision.unwrap_or((Decision::Expired, None));
@@ -472,14 +476,8 @@ async fn decide_and_finish(
         // The record that lets the action run must be on disk first: with
         // the audit log failing, an approved action does not run.
         Decision::Approved => recorded.map(|()| by),
-        Decision::Denied => Err(ApiError::new(
-            ErrorCode::ApprovalDenied,
-            "the approval was denied on the phone",
-        )),
-        Decision::Expired => Err(ApiError::new(
-            ErrorCode::ApprovalExpired,
-            format!("no approval arrived in time; {nothing_done}"),
-        )),
+        Decision::Denied => Err(ApprovalError::Denied),
+        Decision::Expired => Err(ApprovalError::Expired(nothing_done)),
     }
 }
 
@@ -490,7 +488,7 @@ async fn finish(
     p: &Pending,
     d: Decision,
     by: Option<&str>,
-) -> Result<(), ApiError> {
+) -> Result<(), ApprovalError> {
     state.approvals.lock().remove(&p.approval_id);
     let (id, status, by_owned, now) = (
         p.approval_id.clone(),
@@ -513,6 +511,7 @@ async fn finish(
         state
             .audit_durable(by, &action, digest, status, Some(&p.approval_id))
             .await
+            .map_err(|_| ApprovalError::AuditUnavailable)
     } else {
         state
             .audit(by, &action, digest, status, Some(&p.approval_id))
@@ -534,9 +533,24 @@ pub async fn on_response(
     from: &SessionHandle,
     f: ApprovalResponseFrame,
 ) -> Option<String> {
+    let approval_id = f.approval_id.clone();
+    let refused = respond(state, from, f).await.err()?;
+    let e = ApiError::from(refused);
+    Some(frames::approval_error(
+        e.code,
+        &e.message,
+        Some(&approval_id),
+    ))
+}
+
+/// Verifies an `approval_response` and decides its approval; Err (nothing
+/// changed) with why not.
+async fn respond(
+    state: &AppState,
+    from: &SessionHandle,
+    f: ApprovalResponseFrame,
+) -> Result<(), ApprovalError> {
     let approval_id = f.approval_id.as_str();
-    let refuse =
-        |code: ErrorCode, msg: &str| Some(frames::approval_error(code, msg, Some(approval_id)));
     let (device_id, decision) = (f.device_id.as_str(), f.decision.as_str());
     let wanted = match f.decision {
         ApprovalDecision::Approve => Decision::Approved,
@@ -545,26 +559,23 @@ pub async fn on_response(
     let sig = match f.signature {
         inbound::ResponseSignature::Encoded(s) => match unb64(&s) {
             Some(b) => ResponseSignature::Bytes(b),
-            None => return refuse(ErrorCode::InvalidRequest, "signature is not base64url"),
+            None => return Err(ApprovalError::SignatureNotBase64),
         },
         inbound::ResponseSignature::Assertion(obj) => {
             match webauthn::Assertion::parse(&Value::Object(obj)) {
                 Ok(a) => ResponseSignature::Webauthn(a),
-                Err(e) => return refuse(ErrorCode::InvalidRequest, e.0),
+                Err(e) => return Err(ApprovalError::MalformedAssertion(e.0)),
             }
         }
     };
     let Some(pending) = state.approvals.get(approval_id) else {
-        return refuse(
-            ErrorCode::NotFound,
-            "no pending approval with this id (unknown, expired or already decided)",
-        );
+        return Err(ApprovalError::NotPending);
     };
     if state.clock.now_ms() >= pending.expires_at {
         if pending.decide(Decision::Expired, None) {
             // Its waiter finishes it; answer as the timer would have.
         }
-        return refuse(ErrorCode::NotFound, "this approval has expired");
+        return Err(ApprovalError::TooLate);
     }
     let id = device_id.to_string();
     let device = state
@@ -583,10 +594,7 @@ pub async fn on_response(
                 Some(approval_id),
             )
             .await;
-        return refuse(
-            ErrorCode::Forbidden,
-            "the signing device is unknown or revoked",
-        );
+        return Err(ApprovalError::UnknownDevice);
     };
     if pending.barred_decider.as_deref() == Some(device.device_id.as_str()) {
         state
@@ -598,10 +606,7 @@ pub async fn on_response(
                 Some(approval_id),
             )
             .await;
-        return refuse(
-            ErrorCode::Forbidden,
-            "the device this approval would revoke cannot decide it",
-        );
+        return Err(ApprovalError::BarredDecider);
     }
     let msg = signed_string(&[
         APPROVAL_LABEL,
@@ -628,16 +633,10 @@ pub async fn on_response(
             }
         }
         (ApprovalAlg::WebauthnEs256, ResponseSignature::Bytes(_)) => {
-            return refuse(
-                ErrorCode::InvalidRequest,
-                "this device's approval key is a passkey: signature is a WebAuthn assertion object",
-            );
+            return Err(ApprovalError::AssertionExpected);
         }
         (_, ResponseSignature::Webauthn(_)) => {
-            return refuse(
-                ErrorCode::InvalidRequest,
-                "this device's approval key is not a passkey: signature is base64url bytes",
-            );
+            return Err(ApprovalError::BytesExpected);
         }
         (alg, ResponseSignature::Bytes(b)) => {
             if alg.verify(&device.approval_public_key, msg.as_bytes(), b) {
@@ -683,10 +682,7 @@ pub async fn on_response(
                 Some(approval_id),
             )
             .await;
-        return refuse(
-            ErrorCode::BadSignature,
-            "the approval signature does not verify",
-        );
+        return Err(ApprovalError::BadSignature);
     };
     if !pending.decide(wanted, Some(device.device_id.clone())) {
         if let Some((before, after)) = counted {
@@ -699,9 +695,9 @@ pub async fn on_response(
                 tracing::error!(error = %e, "cannot restore a passkey's signCount");
             }
         }
-        return refuse(ErrorCode::NotFound, "this approval was already decided");
+        return Err(ApprovalError::AlreadyDecided);
     }
-    None
+    Ok(())
 }
 
 /// An `approval_response` signature: bytes (Ed25519, ES256) or a passkey's
