@@ -64,6 +64,7 @@ pub struct AppState {
     pub sessions: Arc<Sessions>,
     pub limiter: HandshakeLimiter,
     pub audit: Arc<AuditLog>,
+    /// The approval gate; it owns its own handles (see `approvals::Deps`).
     pub approvals: Approvals,
     pub plugins: Arc<Plugins>,
     pub memory: Arc<Memory>,
@@ -98,7 +99,14 @@ impl std::fmt::Debug for AppState {
 
 impl AppState {
     /// Builds the state; loads plugins and skills with their persisted toggles.
-    pub fn new(dir: DataDir, config: Config, db: Db, key: ServerKey) -> AppState {
+    /// `web_origin`: see [`AppState::web_origin`].
+    pub fn new(
+        dir: DataDir,
+        config: Config,
+        db: Db,
+        key: ServerKey,
+        web_origin: String,
+    ) -> AppState {
         use crate::storage::toggles::{Kind, Toggles};
         let plugins = Arc::new(Plugins::load(&dir.root, Toggles::load(&db, Kind::Plugin)));
         let clock = Clock::new();
@@ -138,6 +146,16 @@ impl AppState {
             audit: audit.clone(),
             root: dir.root.clone(),
         });
+        let approvals = Approvals::new(crate::approvals::Deps {
+            db: db.clone(),
+            clock,
+            config: config.subscribe(),
+            events: sessions.clone(),
+            audit: audit.clone(),
+            shutdown: shutdown.clone(),
+            tracker: tasks.clone(),
+            web_origin: web_origin.clone(),
+        });
         tasks.spawn(housekeeping(Housekeeping {
             root: dir.root.clone(),
             config: config.subscribe(),
@@ -156,7 +174,7 @@ impl AppState {
             sessions,
             limiter,
             audit,
-            approvals: Approvals::default(),
+            approvals,
             plugins,
             memory: Arc::new(memory),
             scheduler,
@@ -167,7 +185,7 @@ impl AppState {
             tasks,
             budget,
             disk,
-            web_origin: String::new(),
+            web_origin,
         }
     }
 

@@ -4,7 +4,8 @@
 //! [`Secrets`] owns what it uses — the database handle, the clock and the
 //! vault key — and never reaches the whole server state: what it needs from
 //! the server (the approval gate, the audit log, the paired devices) comes
-//! through the [`Host`] trait, implemented in `approvals::local`.
+//! through the [`Host`] trait, implemented by the approval gate
+//! (`approvals::Approvals`, in `approvals/local.rs`).
 
 pub mod release;
 pub mod socket;
