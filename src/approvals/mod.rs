@@ -837,3 +837,203 @@ enum ResponseSignature {
     Bytes(Vec<u8>),
     Webauthn(webauthn::Assertion),
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use ed25519_dalek::{Signer, SigningKey};
+
+    use super::*;
+    use crate::auth::keys::{b64, device_id_for};
+    use crate::protocol::inbound::ResponseSignature as Sent;
+    use crate::sessions::{Outbound, Outbox, OutboxReceiver};
+    use crate::storage::audit::Retention;
+    use crate::storage::devices::{NewDevice, Paired};
+
+    /// The next text frame a session's outbox got, as JSON.
+    async fn next_frame(rx: &mut OutboxReceiver) -> Value {
+        loop {
+            let o = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .expect("a frame in time")
+                .expect("the outbox is open");
+            rx.release(&o);
+            if let Outbound::Text(t) = o {
+                return serde_json::from_str(&t).unwrap();
+            }
+        }
+    }
+
+    /// The gate built from its own handles only (no server state): a
+    /// request is announced, a forged answer changes nothing, the signed
+    /// approval decides it once, the action gets its params back, and the
+    /// decision is stored, audited and announced.
+    #[tokio::test]
+    async fn a_gate_built_from_its_deps_alone_asks_and_is_approved() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("agent.db")).unwrap();
+        let config = Config::parse("", &dir.path().join("config.toml")).unwrap();
+        let clock = Clock::new();
+        let (shutdown, tracker) = (CancellationToken::new(), TaskTracker::new());
+        let audit = Arc::new(AuditLog::start(
+            dir.path().join("audit"),
+            db.clone(),
+            Retention::default(),
+        ));
+        let events = Arc::new(Sessions::default());
+        let approvals = Approvals::new(Deps {
+            db: db.clone(),
+            clock,
+            config: watch::channel(Arc::new(config)).1,
+            events: events.clone(),
+            audit: audit.clone(),
+            shutdown: shutdown.clone(),
+            tracker: tracker.clone(),
+            web_origin: String::new(),
+        });
+
+        // A paired phone with an Ed25519 approval key, and its live session.
+        let device_key = SigningKey::from_bytes(&[1; 32]);
+        let approval_key = SigningKey::from_bytes(&[2; 32]);
+        let device_id = device_id_for(device_key.verifying_key().as_bytes());
+        let phone = NewDevice {
+            device_id: device_id.clone(),
+            device_name: "phone".into(),
+            public_key: device_key.verifying_key().as_bytes().to_vec(),
+            approval_public_key: approval_key.verifying_key().as_bytes().to_vec(),
+            approval_key_alg: ApprovalAlg::Ed25519,
+            webauthn: None,
+        };
+        let now = clock.now_ms();
+        let paired = db
+            .blocking(|c| {
+                devices::insert_pairing_code(c, "code-hash", now, 60)?;
+                devices::complete_pairing(c, "code-hash", now, &phone)
+            })
+            .unwrap();
+        assert!(matches!(paired, Paired::Stored(_)));
+        let (outbox, mut rx) = Outbox::new();
+        let session = Arc::new(SessionHandle::new(
+            "s1".into(),
+            device_id.as_str().into(),
+            outbox,
+        ));
+        events.insert(session.clone());
+
+        let caller = Caller {
+            session_id: "s1".into(),
+            device_id: device_id.as_str().into(),
+            peer: None,
+            request_id: "r1".into(),
+        };
+        let waiting = {
+            let (gate, caller) = (approvals.clone(), caller.clone());
+            tokio::spawn(async move {
+                let raw = json!({"device_id": "someone"});
+                let request = Prepared {
+                    params: 42u32,
+                    summary: "Revoke someone".into(),
+                };
+                gate.gate(&caller, "revoke_device", &raw, request.into())
+                    .await
+            })
+        };
+
+        let req = next_frame(&mut rx).await;
+        assert_eq!(req["type"], "approval_request");
+        assert_eq!(
+            (req["action"].as_str(), req["origin_device_id"].as_str()),
+            (Some("revoke_device"), Some(device_id.as_str()))
+        );
+        let id = req["approval_id"].as_str().unwrap().to_string();
+        let pending = next_frame(&mut rx).await;
+        assert_eq!(
+            (
+                pending["event"].as_str(),
+                pending["data"]["request_id"].as_str()
+            ),
+            (Some("approval_pending"), Some("r1"))
+        );
+        assert_eq!(pending["data"]["approval_id"], id.as_str());
+        assert_eq!(approvals.list_pending().len(), 1);
+        assert_eq!(approvals.origin_devices(), [device_id.clone()]);
+
+        let signed = |decision: &str| {
+            let msg = signed_string(&[
+                APPROVAL_LABEL,
+                &id,
+                req["action_digest"].as_str().unwrap(),
+                req["challenge"].as_str().unwrap(),
+                decision,
+            ]);
+            b64(&approval_key.sign(msg.as_bytes()).to_bytes())
+        };
+        let answer = |signature: String| ApprovalResponseFrame {
+            approval_id: id.clone(),
+            device_id: device_id.clone(),
+            decision: ApprovalDecision::Approve,
+            signature: Sent::Encoded(signature),
+        };
+        // A signature over "deny" does not approve: refused, still pending.
+        let refused: Value = serde_json::from_str(
+            &approvals
+                .on_response(&session, answer(signed("deny")))
+                .await
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            (refused["code"].as_str(), refused["approval_id"].as_str()),
+            (Some("bad_signature"), Some(id.as_str()))
+        );
+        assert_eq!(approvals.list_pending().len(), 1);
+
+        assert_eq!(
+            approvals
+                .on_response(&session, answer(signed("approve")))
+                .await,
+            None
+        );
+        let approved = waiting.await.unwrap().unwrap();
+        assert_eq!(
+            (approved.approval_id(), *approved.params()),
+            (id.as_str(), 42)
+        );
+        let result = next_frame(&mut rx).await;
+        assert_eq!(
+            (result["type"].as_str(), result["status"].as_str()),
+            (Some("approval_result"), Some("approved"))
+        );
+        assert!(approvals.list_pending().is_empty());
+        // Decided once: the same answer again finds nothing pending.
+        let again: Value = serde_json::from_str(
+            &approvals
+                .on_response(&session, answer(signed("approve")))
+                .await
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(again["code"], "not_found");
+
+        let stored = db.blocking(|c| storage::approvals::status(c, &id)).unwrap();
+        assert_eq!(stored, Some(("approved".into(), Some(device_id.clone()))));
+        audit.flush().await;
+        let log = std::fs::read_to_string(dir.path().join("audit/audit.jsonl")).unwrap();
+        for action in [
+            "approval.requested",
+            "approval.response",
+            "approval.approved",
+        ] {
+            assert!(log.contains(action), "{action} is audited");
+        }
+        assert!(
+            !log.contains(req["challenge"].as_str().unwrap()),
+            "no challenge in the audit log"
+        );
+        shutdown.cancel();
+        tracker.close();
+        tracker.wait().await;
+        audit.close_async().await;
+    }
+}

@@ -2,7 +2,7 @@
 //! need. A row never holds a `challenge` (nor a commitment key, which is in
 //! no request).
 
-use rusqlite::{Connection, params};
+use rusqlite::{Connection, OptionalExtension, params};
 
 use super::StorageError;
 
@@ -45,6 +45,20 @@ pub fn record_decision(
     Ok(())
 }
 
+/// An approval's stored status (`pending`, `approved`, `denied`,
+/// `expired`) and the device that decided it, if the row exists.
+pub fn status(
+    c: &Connection,
+    approval_id: &str,
+) -> Result<Option<(String, Option<String>)>, StorageError> {
+    Ok(c.query_row(
+        "SELECT status, decided_by FROM approvals WHERE approval_id = ?1",
+        [approval_id],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
+    .optional()?)
+}
+
 /// At start: every approval still pending is expired (never run), in one
 /// transaction, and rows written before v1.1 lose the `challenge` they kept.
 /// Returns the approvals it expired.
@@ -81,7 +95,7 @@ mod tests {
     use super::*;
     use crate::storage::Db;
 
-    fn status(c: &Connection, id: &str) -> (String, Option<i64>, Option<String>) {
+    fn decided(c: &Connection, id: &str) -> (String, Option<i64>, Option<String>) {
         c.query_row(
             "SELECT status, decided_at, decided_by FROM approvals WHERE approval_id = ?1",
             [id],
@@ -106,15 +120,20 @@ mod tests {
             insert_pending(c, "apr_c", r#"{"approval_id":"apr_c"}"#, 3, 100)?;
             record_decision(c, "apr_a", "approved", 5, Some("dev1"))?;
             assert_eq!(
-                status(c, "apr_a"),
+                decided(c, "apr_a"),
                 ("approved".into(), Some(5), Some("dev1".into()))
             );
+            assert_eq!(
+                status(c, "apr_a")?,
+                Some(("approved".into(), Some("dev1".into())))
+            );
+            assert_eq!(status(c, "apr_nope")?, None);
             let stale = expire_pending_at_start(c, 9)?;
             let ids: Vec<_> = stale.iter().map(|s| s.approval_id.as_str()).collect();
             assert_eq!(ids.len(), 2);
             assert!(ids.contains(&"apr_b") && ids.contains(&"apr_c"));
-            assert_eq!(status(c, "apr_b"), ("expired".into(), Some(9), None));
-            assert_eq!(status(c, "apr_a").0, "approved", "decided rows stay");
+            assert_eq!(decided(c, "apr_b"), ("expired".into(), Some(9), None));
+            assert_eq!(decided(c, "apr_a").0, "approved", "decided rows stay");
             let kept: String = c.query_row(
                 "SELECT request_json FROM approvals WHERE approval_id = 'apr_b'",
                 [],
