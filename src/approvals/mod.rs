@@ -957,7 +957,7 @@ mod tests {
         );
         assert_eq!(pending["data"]["approval_id"], id.as_str());
         assert_eq!(approvals.list_pending().len(), 1);
-        assert_eq!(approvals.origin_devices(), [device_id.clone()]);
+        assert_eq!(approvals.origin_devices(), std::slice::from_ref(&device_id));
 
         let signed = |decision: &str| {
             let msg = signed_string(&[
