@@ -694,7 +694,7 @@ impl Session {
         let mut calls: FuturesUnordered<Call> = FuturesUnordered::new();
         self.state.sessions.insert(self.handle.clone());
         tracing::info!(session = %self.handle.session_id, "session started");
-        crate::approvals::on_session_start(&self.state, &self.handle).await;
+        self.state.approvals.on_session_start(&self.handle);
         let mut ping = tokio::time::interval_at(Instant::now() + PING_EVERY, PING_EVERY);
         let silence = sleep(SILENCE_LIMIT);
         tokio::pin!(silence);
@@ -782,9 +782,7 @@ impl Session {
             } => self.call(true, key, id, method, params),
             Inbound::Notification => None,
             Inbound::ApprovalResponse(obj) => {
-                if let Some(reply) =
-                    crate::approvals::on_response(&self.state, &self.handle, &obj).await
-                {
+                if let Some(reply) = self.state.approvals.on_response(&self.handle, obj).await {
                     self.send(reply).await;
                 }
                 None

@@ -34,6 +34,7 @@ pub mod clock;
 pub mod config;
 pub mod config_file;
 pub mod handlers;
+pub mod ids;
 pub mod logging;
 pub mod memory;
 pub mod protocol;

@@ -179,10 +179,8 @@ pub async fn start(opts: Options) -> Result<ServerHandle, StartError> {
             String::new()
         }
     });
-    let mut state = AppState::new(dir, config, db, key);
-    state.web_origin = web_origin;
-    let state = Arc::new(state);
-    crate::approvals::expire_stale_on_start(&state).await;
+    let state = Arc::new(AppState::new(dir, config, db, key, web_origin));
+    state.approvals.expire_stale_on_start().await;
     tracing::info!(%url, server_key = state.key.public_b64(), "listening");
 
     if opts.print_pairing_code {
@@ -230,14 +228,12 @@ pub async fn start(opts: Options) -> Result<ServerHandle, StartError> {
     state
         .tasks
         .spawn(state.memory.clone().watch(state.shutdown.clone()));
-    state
-        .scheduler
-        .start(Arc::new(crate::approvals::local::StateHost(state.clone())));
+    state.scheduler.start(state.approvals.host());
     state.tasks.spawn(crate::secrets::socket::serve(
         socket,
         socket_path,
         state.secrets.clone(),
-        Arc::new(crate::approvals::local::StateHost(state.clone())),
+        state.approvals.host(),
         state.shutdown.clone(),
         state.tasks.clone(),
     ));
@@ -381,5 +377,5 @@ pub fn test_state(dir: &std::path::Path) -> Arc<AppState> {
     let config = Config::load(&dir.config()).expect("config");
     let db = Db::open(&dir.db()).expect("database");
     let key = ServerKey::load_or_create(&dir.server_key()).expect("server key");
-    Arc::new(AppState::new(dir, config, db, key))
+    Arc::new(AppState::new(dir, config, db, key, String::new()))
 }

@@ -17,7 +17,7 @@ use crate::config::Config;
 use crate::disk::DiskWatch;
 use crate::memory::Memory;
 use crate::plugins::Plugins;
-use crate::protocol::{ApiError, ErrorCode};
+use crate::protocol::ApiError;
 use crate::sessions::Sessions;
 use crate::skills::Skills;
 use crate::storage::Db;
@@ -66,6 +66,7 @@ pub struct AppState {
     /// Devices' `last_seen`, noted by the handshake and written in batches.
     pub last_seen: Arc<crate::auth::last_seen::LastSeen>,
     pub audit: Arc<AuditLog>,
+    /// The approval gate; it owns its own handles (see `approvals::Deps`).
     pub approvals: Approvals,
     pub plugins: Arc<Plugins>,
     pub memory: Arc<Memory>,
@@ -100,7 +101,14 @@ impl std::fmt::Debug for AppState {
 
 impl AppState {
     /// Builds the state; loads plugins and skills with their persisted toggles.
-    pub fn new(dir: DataDir, config: Config, db: Db, key: ServerKey) -> AppState {
+    /// `web_origin`: see [`AppState::web_origin`].
+    pub fn new(
+        dir: DataDir,
+        config: Config,
+        db: Db,
+        key: ServerKey,
+        web_origin: String,
+    ) -> AppState {
         use crate::storage::toggles::{Kind, Toggles};
         let plugins = Arc::new(Plugins::load(&dir.root, Toggles::load(&db, Kind::Plugin)));
         let clock = Clock::new();
@@ -140,6 +148,16 @@ impl AppState {
             audit: audit.clone(),
             root: dir.root.clone(),
         });
+        let approvals = Approvals::new(crate::approvals::Deps {
+            db: db.clone(),
+            clock,
+            config: config.subscribe(),
+            events: sessions.clone(),
+            audit: audit.clone(),
+            shutdown: shutdown.clone(),
+            tracker: tasks.clone(),
+            web_origin: web_origin.clone(),
+        });
         tasks.spawn(housekeeping(Housekeeping {
             root: dir.root.clone(),
             config: config.subscribe(),
@@ -159,7 +177,7 @@ impl AppState {
             limiter,
             last_seen: Arc::default(),
             audit,
-            approvals: Approvals::default(),
+            approvals,
             plugins,
             memory: Arc::new(memory),
             scheduler,
@@ -170,7 +188,7 @@ impl AppState {
             tasks,
             budget,
             disk,
-            web_origin: String::new(),
+            web_origin,
         }
     }
 
@@ -196,7 +214,7 @@ impl AppState {
         self.audit
             .check_writable(self.clock.now_ms())
             .await
-            .map_err(|_| audit_unavailable())
+            .map_err(|_| crate::errors::audit_unavailable())
     }
 
     /// Like [`AppState::audit`], but waits until the record is on disk:
@@ -214,7 +232,7 @@ impl AppState {
         self.audit
             .record_durable(entry)
             .await
-            .map_err(|_| audit_unavailable())
+            .map_err(|_| crate::errors::audit_unavailable())
     }
 
     /// Appends an audit record stamped now.
@@ -302,13 +320,4 @@ async fn report_refusals(h: &Housekeeping) {
             })
             .await;
     }
-}
-
-/// The error of an action refused because the audit log cannot be written.
-pub fn audit_unavailable() -> ApiError {
-    ApiError::new(
-        ErrorCode::Unavailable,
-        "the audit log cannot be written, so this action was refused and nothing was changed; \
-         make audit.dir a writable directory with free space (see the server log), then retry",
-    )
 }

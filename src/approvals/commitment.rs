@@ -17,7 +17,8 @@ use hmac::{Hmac, Mac};
 use serde_json::Value;
 use sha2::Sha256;
 
-use crate::auth::keys::{b64, random_bytes};
+use crate::auth::keys::b64;
+use crate::ids::random_bytes;
 use crate::rpc::SECRET_KEYS;
 
 /// A per-approval commitment key. Never stored, logged or audited: it goes

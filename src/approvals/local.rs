@@ -4,6 +4,11 @@
 //! `origin_device_id` and `request_id` null, and count together against
 //! [`MAX_PENDING_LOCAL`] within the 128 in all. A requester that goes away
 //! expires its approval at once.
+//!
+//! [`Approvals`] is also the vault's [`Host`]: it has everything a release
+//! needs from the server (the gate, the paired devices, the lease cap, the
+//! audit log) and holds no server state, so the scheduler and the socket
+//! can hold it without a cycle.
 
 use std::sync::Arc;
 
@@ -12,10 +17,9 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use super::commitment::{CommitmentKey, commit_action_secrets};
-use super::{decide_and_finish, new_pending, notify, store_pending};
-use crate::protocol::{ApiError, ErrorCode};
+use super::{ApprovalError, Approvals, wait_until};
+use crate::protocol::ApiError;
 use crate::secrets::release::{BoxFuture, Granted, Host, PendingNotice, SecretAudit};
-use crate::state::AppState;
 use crate::storage::audit::AuditEntry;
 use crate::storage::devices;
 
@@ -30,65 +34,70 @@ pub(super) fn is_local(origin: &str) -> bool {
     origin == LOCAL_ORIGIN
 }
 
-/// Creates an approval for `action` with `params` and waits for its
-/// decision. `gone` (the requester disconnected) expires it at once.
-pub async fn request(
-    state: &Arc<AppState>,
-    action: &'static str,
-    params: Value,
-    summary: String,
-    gone: CancellationToken,
-    pending_tx: Option<oneshot::Sender<PendingNotice>>,
-) -> Result<Granted, ApiError> {
-    // K goes to no one: the commitment only tells different values apart.
-    let (params, _) = commit_action_secrets(action, &params, &CommitmentKey::generate());
-    let (pending, request) = new_pending(state, action, params, &summary, None, LOCAL_ORIGIN, None);
-    let now = state.clock.now_ms();
-    {
-        let g = state.approvals.lock();
-        let local = g
-            .values()
-            .filter(|p| p.origin_device_id == LOCAL_ORIGIN)
-            .count();
-        if local >= MAX_PENDING_LOCAL {
-            let earliest = g
+impl Approvals {
+    /// Creates an approval for `action` with `params` and waits for its
+    /// decision. `gone` (the requester disconnected) expires it at once.
+    pub async fn request_local(
+        &self,
+        action: &'static str,
+        params: Value,
+        summary: String,
+        gone: CancellationToken,
+        pending_tx: Option<oneshot::Sender<PendingNotice>>,
+    ) -> Result<Granted, ApprovalError> {
+        // K goes to no one: the commitment only tells different values apart.
+        let (params, _) = commit_action_secrets(action, &params, &CommitmentKey::generate());
+        let (pending, request) =
+            self.new_pending(action, params, &summary, None, LOCAL_ORIGIN, None);
+        let now = self.now_ms();
+        {
+            let g = self.lock();
+            let local = g
                 .values()
                 .filter(|p| p.origin_device_id == LOCAL_ORIGIN)
-                .map(|p| p.expires_at)
-                .min();
-            let wait = earliest.map_or(1000, |t| (t - now).max(1)) as u64;
-            return Err(ApiError::new(
-                ErrorCode::Busy,
-                "the local socket and tasks already have the most approvals pending (16); decide or wait for one",
-            )
-            .with_retry_after(wait));
+                .count();
+            if local >= MAX_PENDING_LOCAL {
+                let earliest = g
+                    .values()
+                    .filter(|p| p.origin_device_id == LOCAL_ORIGIN)
+                    .map(|p| p.expires_at)
+                    .min();
+                return Err(ApprovalError::LocalBusy {
+                    retry_after_ms: wait_until(earliest, now),
+                });
+            }
         }
+        // The per-origin cap (16) also holds LOCAL_ORIGIN under the lock.
+        self.reserve(pending.clone(), now)?;
+        self.store_pending(&pending, request, None).await?;
+        let approval_id = pending.approval_id.clone();
+        tracing::info!(approval = %approval_id, action, "local approval requested");
+        self.deps().events.broadcast(&pending.request_frame());
+        self.notify_created(action, &approval_id, &summary);
+        if let Some(tx) = pending_tx {
+            let _ = tx.send(PendingNotice {
+                approval_id: approval_id.clone(),
+                expires_at_ms: pending.expires_at,
+                summary,
+            });
+        }
+        let device_id = self
+            .decide_and_finish(&pending, Some(&gone), "nothing was released")
+            .await?;
+        Ok(Granted {
+            approval_id,
+            device_id,
+        })
     }
-    // The per-origin cap (16) also holds LOCAL_ORIGIN under the lock.
-    state.approvals.reserve(pending.clone(), now)?;
-    store_pending(state, &pending, request, None).await?;
-    let approval_id = pending.approval_id.clone();
-    tracing::info!(approval = %approval_id, action, "local approval requested");
-    state.sessions.broadcast(&pending.request_frame());
-    notify::approval_created(state, action, &approval_id, &summary);
-    if let Some(tx) = pending_tx {
-        let _ = tx.send(PendingNotice {
-            approval_id: approval_id.clone(),
-            expires_at_ms: pending.expires_at,
-            summary,
-        });
+
+    /// The gate as the vault's [`Host`], for the socket, the scheduler and
+    /// the phone's secrets actions.
+    pub fn host(&self) -> Arc<dyn Host> {
+        Arc::new(self.clone())
     }
-    let device_id = decide_and_finish(state, &pending, Some(&gone), "nothing was released").await?;
-    Ok(Granted {
-        approval_id,
-        device_id,
-    })
 }
 
-/// The server as the vault's [`Host`].
-pub struct StateHost(pub Arc<AppState>);
-
-impl Host for StateHost {
+impl Host for Approvals {
     fn ask(
         &self,
         action: &'static str,
@@ -97,29 +106,33 @@ impl Host for StateHost {
         gone: CancellationToken,
         pending: Option<oneshot::Sender<PendingNotice>>,
     ) -> BoxFuture<'_, Result<Granted, ApiError>> {
-        Box::pin(request(&self.0, action, params, summary, gone, pending))
+        Box::pin(async move {
+            self.request_local(action, params, summary, gone, pending)
+                .await
+                .map_err(ApiError::from)
+        })
     }
 
     fn paired_devices(&self) -> BoxFuture<'_, Result<i64, ApiError>> {
         Box::pin(async move {
-            self.0
+            self.deps()
                 .db
                 .call(|c| devices::count_active_devices(c))
                 .await
-                .map_err(|e| ApiError::internal(e.to_string()))
+                .map_err(|e| ApprovalError::from(e).into())
         })
     }
 
     fn max_lease_secs(&self) -> u64 {
-        self.0.config().secrets.max_lease_secs
+        self.config().secrets.max_lease_secs
     }
 
     fn audit(&self, r: SecretAudit) -> BoxFuture<'_, ()> {
         Box::pin(async move {
-            self.0
+            self.deps()
                 .audit
                 .record(AuditEntry {
-                    ts_ms: self.0.clock.now_ms(),
+                    ts_ms: self.now_ms(),
                     device_id: r.device_id,
                     action: r.action.to_string(),
                     params_digest: None,
@@ -133,40 +146,4 @@ impl Host for StateHost {
                 .await;
         })
     }
-}
-
-/// Like [`super::register_gated`], for an action whose `prepare` must see
-/// the caller (e.g. `reveal_secret`, refused before asking unless the
-/// session is over TLS or loopback).
-pub fn register_gated_for_caller<P, Prep, PrepFut, Run, RunFut>(
-    actions: &mut crate::rpc::Actions,
-    name: &'static str,
-    prepare: Prep,
-    run: Run,
-) where
-    P: serde::de::DeserializeOwned + Send + 'static,
-    Prep: Fn(Arc<AppState>, crate::rpc::Caller, P) -> PrepFut + Clone + Send + Sync + 'static,
-    PrepFut: std::future::Future<Output = Result<super::Prepared<P>, ApiError>> + Send + 'static,
-    Run: Fn(Arc<AppState>, super::Approved<P>) -> RunFut + Clone + Send + Sync + 'static,
-    RunFut: std::future::Future<Output = crate::rpc::ActionResult> + Send + 'static,
-{
-    actions.gated.insert(name);
-    crate::rpc::register_raw::<P, _, _>(actions, name, move |state, caller, raw| {
-        let (prepare, run) = (prepare.clone(), run.clone());
-        async move {
-            let raw = Value::Object(raw);
-            let p: P = crate::rpc::params_from_ref(&raw)?;
-            let prepared = prepare(state.clone(), caller.clone(), p).await?;
-            let approval_id =
-                super::gate(&state, &caller, name, &raw, &prepared.summary, None).await?;
-            run(
-                state,
-                super::Approved {
-                    params: prepared.params,
-                    approval_id,
-                },
-            )
-            .await
-        }
-    });
 }

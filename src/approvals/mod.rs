@@ -1,11 +1,17 @@
-//! The biometric approval gate (SPEC §8).
+//! The biometric approval gate (SPEC §8), as a service.
 //!
-//! A gated action never runs on request: `register_gated` validates its
-//! params, creates a pending approval, sends `approval_request` to every
-//! session, and waits. Only a signed `approval_response` from a paired,
-//! non-revoked device's approval key lets it run, by handing the action an
+//! A gated action never runs on request: [`Approvals::gate`] takes its
+//! validated params, creates a pending approval, sends `approval_request` to
+//! every session, and waits. Only a signed `approval_response` from a
+//! paired, non-revoked device's approval key lets it run, by handing back an
 //! [`Approved`] value — which only this module can make, so a destructive
-//! handler cannot be called without approval.
+//! handler cannot be called without approval. (The registry glue that
+//! calls the gate for an action is `handlers::gate`.)
+//!
+//! [`Approvals`] owns what it uses ([`Deps`]: database, clock, live config,
+//! the sessions it announces to, the audit log, shutdown token and task
+//! tracker, the web origin) and the pending map; it never sees the server
+//! state. It is also the vault's [`crate::secrets::Host`] (`local`).
 //!
 //! Limits (SPEC §8, v1.1): at most [`MAX_PENDING_PER_DEVICE`] approvals pend
 //! per originating device and [`MAX_PENDING`] in all (beyond: `busy`, before
@@ -14,30 +20,33 @@
 //! cannot decide it; revoking a device expires what it originated.
 
 pub mod commitment;
+pub mod error;
 pub mod local;
 pub mod notify;
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use serde::de::DeserializeOwned;
-use serde_json::{Map, Value, json};
-use tokio::sync::Notify;
+use serde_json::{Value, json};
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use crate::auth::keys::{APPROVAL_LABEL, ApprovalAlg, b64, random_bytes, signed_string, unb64};
+use crate::auth::keys::{APPROVAL_LABEL, ApprovalAlg, signed_string, unb64};
 use crate::auth::webauthn;
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::protocol::ApiError;
 use crate::protocol::frames;
-use crate::protocol::{ApiError, ErrorCode};
-use crate::rpc::{ActionResult, Caller, params_from_ref};
-use crate::sessions::SessionHandle;
-use crate::state::AppState;
-use crate::storage::audit::jcs_digest;
-use crate::storage::devices;
+use crate::protocol::inbound::{self, ApprovalDecision, ApprovalResponseFrame};
+use crate::rpc::Caller;
+use crate::sessions::{SessionHandle, Sessions};
+use crate::storage::audit::{AuditEntry, AuditLog, jcs_digest};
+use crate::storage::{self, Db, devices};
 
 use commitment::{CommitmentKey, commit_action_secrets};
+pub use error::ApprovalError;
 
 /// Approvals pending at once per originating device (SPEC §8 Limits).
 pub const MAX_PENDING_PER_DEVICE: usize = 16;
@@ -159,9 +168,36 @@ impl Pending {
     }
 }
 
-/// Pending approvals, by id.
-#[derive(Default)]
+/// What the approval gate is built from: handles to the parts of the
+/// server it uses, each cheap to clone.
+pub struct Deps {
+    pub db: Db,
+    pub clock: Clock,
+    /// The live configuration (`approvals.timeout_secs`, `[notify]`,
+    /// `secrets.max_lease_secs`).
+    pub config: watch::Receiver<Arc<Config>>,
+    /// Where `approval_request`, `approval_result` and the requester's
+    /// `approval_pending` go.
+    pub events: Arc<Sessions>,
+    /// Every request, decision and refused answer is recorded here.
+    pub audit: Arc<AuditLog>,
+    /// Cancelled when the server stops: waiting approvals end undecided.
+    pub shutdown: CancellationToken,
+    /// Notifications are spawned here; shutdown waits for them.
+    pub tracker: TaskTracker,
+    /// The web origin a passkey assertion must come from (SPEC §11).
+    pub web_origin: String,
+}
+
+/// The approval gate: pending approvals by id and what deciding them needs.
+/// Cheap to clone: clones share one state.
+#[derive(Clone)]
 pub struct Approvals {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    deps: Deps,
     pending: Mutex<HashMap<String, Arc<Pending>>>,
     next_seq: AtomicU64,
 }
@@ -172,9 +208,42 @@ impl std::fmt::Debug for Approvals {
     }
 }
 
+/// A busy answer's `retry_after_ms`: until the earliest relevant expiry (at
+/// least 1 ms), or 1 s when there is none.
+fn wait_until(earliest: Option<i64>, now: i64) -> u64 {
+    earliest.map_or(1000, |t| (t - now).max(1)) as u64
+}
+
 impl Approvals {
+    /// An empty gate; nothing is read or spawned until it is used (see
+    /// [`Approvals::expire_stale_on_start`]).
+    pub fn new(deps: Deps) -> Approvals {
+        Approvals {
+            shared: Arc::new(Shared {
+                deps,
+                pending: Mutex::default(),
+                next_seq: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    fn deps(&self) -> &Deps {
+        &self.shared.deps
+    }
+
+    fn config(&self) -> Arc<Config> {
+        self.deps().config.borrow().clone()
+    }
+
+    fn now_ms(&self) -> i64 {
+        self.deps().clock.now_ms()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Pending>>> {
-        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+        self.shared
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
     fn get(&self, id: &str) -> Option<Arc<Pending>> {
         self.lock().get(id).cloned()
@@ -188,28 +257,24 @@ impl Approvals {
 
     /// Inserts `p` unless that would pass a cap; on refusal, the `busy`
     /// error with the time until the earliest relevant expiry.
-    fn reserve(&self, p: Arc<Pending>, now: i64) -> Result<(), ApiError> {
+    fn reserve(&self, p: Arc<Pending>, now: i64) -> Result<(), ApprovalError> {
         let mut g = self.lock();
         let mine = || {
             g.values()
                 .filter(|q| q.origin_device_id == p.origin_device_id)
         };
-        let (refusal, earliest) = if mine().count() >= MAX_PENDING_PER_DEVICE {
-            (
-                "this device already has the most approvals pending (16); decide or wait for one",
-                mine().map(|q| q.expires_at).min(),
-            )
+        if mine().count() >= MAX_PENDING_PER_DEVICE {
+            Err(ApprovalError::DeviceBusy {
+                retry_after_ms: wait_until(mine().map(|q| q.expires_at).min(), now),
+            })
         } else if g.len() >= MAX_PENDING {
-            (
-                "too many approvals are pending (128); decide or wait for one",
-                g.values().map(|q| q.expires_at).min(),
-            )
+            Err(ApprovalError::AllBusy {
+                retry_after_ms: wait_until(g.values().map(|q| q.expires_at).min(), now),
+            })
         } else {
             g.insert(p.approval_id.clone(), p);
-            return Ok(());
-        };
-        let wait = earliest.map_or(1000, |t| (t - now).max(1)) as u64;
-        Err(ApiError::new(ErrorCode::Busy, refusal).with_retry_after(wait))
+            Ok(())
+        }
     }
 
     /// Devices that originated a pending approval (not the local socket's
@@ -239,193 +304,152 @@ impl Approvals {
             .filter(|p| p.decide(Decision::Expired, None))
             .count()
     }
-}
 
-/// Registers a gated action. `prepare` validates (and may refuse) before
-/// any phone is asked; `run` executes after approval.
-pub fn register_gated<P, G, Prep, PrepFut, Run, RunFut>(
-    actions: &mut crate::rpc::Actions,
-    name: &'static str,
-    prepare: Prep,
-    run: Run,
-) where
-    P: DeserializeOwned + Send + 'static,
-    Prep: Fn(Arc<AppState>, P) -> PrepFut + Clone + Send + Sync + 'static,
-    PrepFut: Future<Output = Result<G, ApiError>> + Send + 'static,
-    G: Into<GateRequest<P>>,
-    Run: Fn(Arc<AppState>, Approved<P>) -> RunFut + Clone + Send + Sync + 'static,
-    RunFut: Future<Output = ActionResult> + Send + 'static,
-{
-    actions.gated.insert(name);
-    crate::rpc::register_raw::<P, _, _>(actions, name, move |state, caller, raw| {
-        let (prepare, run) = (prepare.clone(), run.clone());
-        async move {
-            let raw = Value::Object(raw);
-            let p: P = params_from_ref(&raw)?;
-            let request: GateRequest<P> = prepare(state.clone(), p).await?.into();
-            let approval_id = gate(
-                &state,
-                &caller,
-                name,
-                &raw,
-                &request.prepared.summary,
-                request.barred_decider,
-            )
+    /// Asks every session to approve `action` with `raw` params (as the
+    /// caller sent them; secret values are shown as commitments) and waits
+    /// for the decision. The params `request` carries come back as
+    /// [`Approved`] once approved and the approval's record is durable.
+    pub async fn gate<P>(
+        &self,
+        caller: &Caller,
+        action: &'static str,
+        raw: &Value,
+        request: GateRequest<P>,
+    ) -> Result<Approved<P>, ApprovalError> {
+        let GateRequest {
+            prepared: Prepared { params, summary },
+            barred_decider,
+        } = request;
+        // Secret values are shown as commitments under a key only the
+        // requester gets; the key is never stored, and its only copy moves
+        // into that event.
+        let (shown, commitment_key) = {
+            let key = CommitmentKey::generate();
+            let (shown, committed) = commit_action_secrets(action, raw, &key);
+            (shown, committed.then(|| key.to_b64()))
+        };
+        let (pending, approval_request) = self.new_pending(
+            action,
+            shown,
+            &summary,
+            Some(&caller.request_id),
+            &caller.device_id,
+            barred_decider,
+        );
+        // The caps are checked and the slot taken under one lock, before
+        // anything is stored or sent.
+        self.reserve(pending.clone(), self.now_ms())?;
+        let origin_revoked = self
+            .store_pending(&pending, approval_request, Some(&caller.device_id))
             .await?;
-            run(
-                state,
-                Approved {
-                    params: request.prepared.params,
-                    approval_id,
-                },
-            )
-            .await
+        let approval_id = pending.approval_id.clone();
+        tracing::info!(approval = %approval_id, action, device = %caller.device_id, "approval requested");
+        let events = &self.deps().events;
+        if origin_revoked {
+            // Never shown: it is expired (and announced so) at once.
+            pending.decide(Decision::Expired, None);
+        } else {
+            events.broadcast(&pending.request_frame());
+            self.notify_created(action, &approval_id, &summary);
         }
-    });
-}
-
-/// Asks every session for an approval and waits for the decision.
-/// Ok(approval_id) once approved.
-async fn gate(
-    state: &Arc<AppState>,
-    caller: &Caller,
-    action: &str,
-    raw: &Value,
-    summary: &str,
-    barred_decider: Option<String>,
-) -> Result<String, ApiError> {
-    // Secret values are shown as commitments under a key only the requester
-    // gets; the key is never stored, and its only copy moves into that event.
-    let (params, commitment_key) = {
-        let key = CommitmentKey::generate();
-        let (params, committed) = commit_action_secrets(action, raw, &key);
-        (params, committed.then(|| key.to_b64()))
-    };
-    let (pending, request) = new_pending(
-        state,
-        action,
-        params,
-        summary,
-        Some(&caller.request_id),
-        &caller.device_id,
-        barred_decider,
-    );
-    // The caps are checked and the slot taken under one lock, before
-    // anything is stored or sent.
-    let now = state.clock.now_ms();
-    state.approvals.reserve(pending.clone(), now)?;
-    let origin_revoked = store_pending(state, &pending, request, Some(&caller.device_id)).await?;
-    let approval_id = pending.approval_id.clone();
-    tracing::info!(approval = %approval_id, action, device = %caller.device_id, "approval requested");
-    if origin_revoked {
-        // Never shown: it is expired (and announced so) at once.
-        pending.decide(Decision::Expired, None);
-    } else {
-        state.sessions.broadcast(&pending.request_frame());
-        notify::approval_created(state, action, &approval_id, summary);
-    }
-    if let Some(origin) = state
-        .sessions
-        .get(&caller.session_id)
-        .filter(|_| !origin_revoked)
-    {
-        let mut data = json!({"request_id": &*caller.request_id, "approval_id": approval_id, "expires_at": pending.expires_at});
-        if let Some(k) = commitment_key {
-            data["commitment_key"] = Value::String(k);
+        if let Some(origin) = events.get(&caller.session_id).filter(|_| !origin_revoked) {
+            let mut data = json!({"request_id": &*caller.request_id, "approval_id": approval_id, "expires_at": pending.expires_at});
+            if let Some(k) = commitment_key {
+                data["commitment_key"] = Value::String(k);
+            }
+            origin.push_event(frames::event("approval_pending", data));
         }
-        origin.push_event(frames::event("approval_pending", data));
-    }
-    decide_and_finish(state, &pending, None, "nothing was done")
-        .await
-        .map(|_| approval_id)
-}
-
-/// A new pending approval and its `approval_request` object (challenge
-/// included; `store_pending` keeps it off disk). `origin` is the
-/// originating device, or the local origin for requests no session made.
-fn new_pending(
-    state: &AppState,
-    action: &str,
-    params: Value,
-    summary: &str,
-    request_id: Option<&str>,
-    origin: &str,
-    barred_decider: Option<String>,
-) -> (Arc<Pending>, Value) {
-    let action_digest = jcs_digest(&json!({"action": action, "params": params}));
-    let approval_id = format!("apr_{}", hex::encode(random_bytes::<12>()));
-    let challenge = b64(&random_bytes::<32>());
-    let expires_at = state.clock.now_ms() + (state.config().approvals.timeout_secs as i64) * 1000;
-    let shown_origin = (!local::is_local(origin)).then_some(origin);
-    let request = json!({
-        "approval_id": approval_id,
-        "request_id": request_id,
-        "origin_device_id": shown_origin,
-        "action": action,
-        "params": params,
-        "summary": summary,
-        "action_digest": action_digest,
-        "challenge": challenge,
-        "expires_at": expires_at,
-    });
-    let pending = Arc::new(Pending {
-        approval_id,
-        seq: state.approvals.next_seq.fetch_add(1, Ordering::Relaxed),
-        origin_device_id: origin.to_string(),
-        barred_decider,
-        action_digest,
-        challenge,
-        expires_at,
-        request: request.clone(),
-        decision: Mutex::new(None),
-        decided: Notify::new(),
-    });
-    (pending, request)
-}
-
-/// Stores a reserved approval (what restart-expiry needs, never the
-/// challenge, nor K, which is in no request) and audits it. With an origin
-/// device: whether that device was revoked while the request was on its
-/// way (the revocation may have scanned the map before the insert). On a
-/// storage error the reservation is released.
-async fn store_pending(
-    state: &AppState,
-    pending: &Arc<Pending>,
-    mut request: Value,
-    origin_device: Option<&str>,
-) -> Result<bool, ApiError> {
-    if let Some(m) = request.as_object_mut() {
-        m.remove("challenge");
-    }
-    let (id, req_text, now, expires_at) = (
-        pending.approval_id.clone(),
-        request.to_string(),
-        state.clock.now_ms(),
-        pending.expires_at,
-    );
-    let origin = origin_device.map(String::from);
-    let stored = state
-        .db
-        .call(move |c| {
-            c.execute(
-                "INSERT INTO approvals(approval_id, request_json, status, created_at, expires_at) VALUES (?1, ?2, 'pending', ?3, ?4)",
-                rusqlite::params![id, req_text, now, expires_at],
-            )?;
-            Ok(match origin {
-                Some(o) => devices::get_device(c, &o)?.is_none_or(|d| d.revoked),
-                None => false,
-            })
+        self.decide_and_finish(&pending, None, "nothing was done")
+            .await?;
+        Ok(Approved {
+            params,
+            approval_id,
         })
-        .await;
-    let origin_revoked = match stored {
-        Ok(revoked) => revoked,
-        Err(e) => {
-            state.approvals.lock().remove(&pending.approval_id);
-            return Err(ApiError::internal(e.to_string()));
+    }
+
+    /// A new pending approval and its `approval_request` object (challenge
+    /// included; `store_pending` keeps it off disk). `origin` is the
+    /// originating device, or the local origin for requests no session made.
+    fn new_pending(
+        &self,
+        action: &str,
+        params: Value,
+        summary: &str,
+        request_id: Option<&str>,
+        origin: &str,
+        barred_decider: Option<String>,
+    ) -> (Arc<Pending>, Value) {
+        let action_digest = jcs_digest(&json!({"action": action, "params": params}));
+        let approval_id = crate::ids::approval_id();
+        let challenge = crate::ids::challenge();
+        let expires_at = self.now_ms() + (self.config().approvals.timeout_secs as i64) * 1000;
+        let shown_origin = (!local::is_local(origin)).then_some(origin);
+        let request = json!({
+            "approval_id": approval_id,
+            "request_id": request_id,
+            "origin_device_id": shown_origin,
+            "action": action,
+            "params": params,
+            "summary": summary,
+            "action_digest": action_digest,
+            "challenge": challenge,
+            "expires_at": expires_at,
+        });
+        let pending = Arc::new(Pending {
+            approval_id,
+            seq: self.shared.next_seq.fetch_add(1, Ordering::Relaxed),
+            origin_device_id: origin.to_string(),
+            barred_decider,
+            action_digest,
+            challenge,
+            expires_at,
+            request: request.clone(),
+            decision: Mutex::new(None),
+            decided: Notify::new(),
+        });
+        (pending, request)
+    }
+
+    /// Stores a reserved approval (what restart-expiry needs, never the
+    /// challenge, nor K, which is in no request) and audits it. With an
+    /// origin device: whether that device was revoked while the request was
+    /// on its way (the revocation may have scanned the map before the
+    /// insert). On a storage error the reservation is released.
+    async fn store_pending(
+        &self,
+        pending: &Arc<Pending>,
+        mut request: Value,
+        origin_device: Option<&str>,
+    ) -> Result<bool, ApprovalError> {
+        if let Some(m) = request.as_object_mut() {
+            m.remove("challenge");
         }
-    };
-    state
-        .audit(
+        let (id, req_text, now, expires_at) = (
+            pending.approval_id.clone(),
+            request.to_string(),
+            self.now_ms(),
+            pending.expires_at,
+        );
+        let origin = origin_device.map(String::from);
+        let stored = self
+            .deps()
+            .db
+            .call(move |c| {
+                storage::approvals::insert_pending(c, &id, &req_text, now, expires_at)?;
+                Ok(match origin {
+                    Some(o) => devices::get_device(c, &o)?.is_none_or(|d| d.revoked),
+                    None => false,
+                })
+            })
+            .await;
+        let origin_revoked = match stored {
+            Ok(revoked) => revoked,
+            Err(e) => {
+                self.lock().remove(&pending.approval_id);
+                return Err(e.into());
+            }
+        };
+        self.record(
             origin_device,
             "approval.requested",
             Some(pending.action_digest.clone()),
@@ -433,169 +457,207 @@ async fn store_pending(
             Some(&pending.approval_id),
         )
         .await;
-    Ok(origin_revoked)
-}
-
-/// Waits for the decision (or expiry, or `gone`: the requester went away),
-/// records and announces it. Ok(deciding device) once approved and the
-/// approval record is on disk; `nothing_done` ends the expiry message.
-async fn decide_and_finish(
-    state: &AppState,
-    pending: &Arc<Pending>,
-    gone: Option<&CancellationToken>,
-    nothing_done: &str,
-) -> Result<Option<String>, ApiError> {
-    let expiry = state.clock.instant_at(pending.expires_at);
-    let requester_gone = async {
-        match gone {
-            Some(g) => g.cancelled().await,
-            None => std::future::pending().await,
-        }
-    };
-    let decision = tokio::select! {
-        _ = pending.decided.notified() => pending.decision(),
-        _ = tokio::time::sleep_until(expiry) => {
-            pending.decide(Decision::Expired, None);
-            pending.decision()
-        }
-        _ = requester_gone => {
-            tracing::info!(approval = %pending.approval_id, "the requester went away: approval expired");
-            pending.decide(Decision::Expired, None);
-            pending.decision()
-        }
-        _ = state.shutdown.cancelled() => {
-            state.approvals.lock().remove(&pending.approval_id);
-            return Err(ApiError::new(ErrorCode::Unavailable, "the server is shutting down; the approval was not decided and will be expired"));
-        }
-    };
-    let (decision, by) = decision.unwrap_or((Decision::Expired, None));
-    let recorded = finish(state, pending, decision, by.as_deref()).await;
-    match decision {
-        // The record that lets the action run must be on disk first: with
-        // the audit log failing, an approved action does not run.
-        Decision::Approved => recorded.map(|()| by),
-        Decision::Denied => Err(ApiError::new(
-            ErrorCode::ApprovalDenied,
-            "the approval was denied on the phone",
-        )),
-        Decision::Expired => Err(ApiError::new(
-            ErrorCode::ApprovalExpired,
-            format!("no approval arrived in time; {nothing_done}"),
-        )),
+        Ok(origin_revoked)
     }
-}
 
-/// Persists and announces a decision. For an approval, Err (`unavailable`)
-/// if its audit record could not be written: the action must not run.
-async fn finish(
-    state: &AppState,
-    p: &Pending,
-    d: Decision,
-    by: Option<&str>,
-) -> Result<(), ApiError> {
-    state.approvals.lock().remove(&p.approval_id);
-    let (id, status, by_owned, now) = (
-        p.approval_id.clone(),
-        d.status(),
-        by.map(String::from),
-        state.clock.now_ms(),
-    );
-    let stored = state
-        .db
-        .call(move |c| {
-            c.execute(
-                "UPDATE approvals SET status = ?2, decided_at = ?3, decided_by = ?4 WHERE approval_id = ?1",
-                rusqlite::params![id, status, now, by_owned],
-            )?;
-            Ok(())
-        })
-        .await;
-    if let Err(e) = stored {
-        tracing::error!(error = %e, "cannot store an approval decision");
+    /// Waits for the decision (or expiry, or `gone`: the requester went
+    /// away), records and announces it. Ok(deciding device) once approved
+    /// and the approval record is on disk; `nothing_done` ends the expiry
+    /// message.
+    async fn decide_and_finish(
+        &self,
+        pending: &Arc<Pending>,
+        gone: Option<&CancellationToken>,
+        nothing_done: &'static str,
+    ) -> Result<Option<String>, ApprovalError> {
+        let expiry = self.deps().clock.instant_at(pending.expires_at);
+        let requester_gone = async {
+            match gone {
+                Some(g) => g.cancelled().await,
+                None => std::future::pending().await,
+            }
+        };
+        let decision = tokio::select! {
+            _ = pending.decided.notified() => pending.decision(),
+            _ = tokio::time::sleep_until(expiry) => {
+                pending.decide(Decision::Expired, None);
+                pending.decision()
+            }
+            _ = requester_gone => {
+                tracing::info!(approval = %pending.approval_id, "the requester went away: approval expired");
+                pending.decide(Decision::Expired, None);
+                pending.decision()
+            }
+            _ = self.deps().shutdown.cancelled() => {
+                self.lock().remove(&pending.approval_id);
+                return Err(ApprovalError::ShuttingDown);
+            }
+        };
+        let (decision, by) = decision.unwrap_or((Decision::Expired, None));
+        let recorded = self.finish(pending, decision, by.as_deref()).await;
+        match decision {
+            // The record that lets the action run must be on disk first:
+            // with the audit log failing, an approved action does not run.
+            Decision::Approved => recorded.map(|()| by),
+            Decision::Denied => Err(ApprovalError::Denied),
+            Decision::Expired => Err(ApprovalError::Expired(nothing_done)),
+        }
     }
-    let action = format!("approval.{status}");
-    let digest = Some(p.action_digest.clone());
-    let recorded = if d == Decision::Approved {
-        state
-            .audit_durable(by, &action, digest, status, Some(&p.approval_id))
-            .await
-    } else {
-        state
-            .audit(by, &action, digest, status, Some(&p.approval_id))
+
+    /// Persists and announces a decision. For an approval, Err
+    /// (`AuditUnavailable`) if its audit record could not be written: the
+    /// action must not run.
+    async fn finish(
+        &self,
+        p: &Pending,
+        d: Decision,
+        by: Option<&str>,
+    ) -> Result<(), ApprovalError> {
+        self.lock().remove(&p.approval_id);
+        let (id, status, by_owned, now) = (
+            p.approval_id.clone(),
+            d.status(),
+            by.map(String::from),
+            self.now_ms(),
+        );
+        let stored = self
+            .deps()
+            .db
+            .call(move |c| {
+                storage::approvals::record_decision(c, &id, status, now, by_owned.as_deref())
+            })
             .await;
-        Ok(())
-    };
-    tracing::info!(approval = %p.approval_id, status, "approval decided");
-    state.sessions.broadcast(
-        &json!({"type": "approval_result", "approval_id": p.approval_id, "status": status})
-            .to_string(),
-    );
-    recorded
-}
-
-/// Handles an `approval_response` frame; returns the error frame for its
-/// sender, or None when it decided the approval.
-pub async fn on_response(
-    state: &AppState,
-    from: &SessionHandle,
-    f: &Map<String, Value>,
-) -> Option<String> {
-    let approval_id = f.get("approval_id").and_then(Value::as_str);
-    let refuse = |code: ErrorCode, msg: &str| Some(frames::approval_error(code, msg, approval_id));
-    let (Some(approval_id), Some(device_id), Some(decision), Some(sig)) = (
-        approval_id,
-        f.get("device_id").and_then(Value::as_str),
-        f.get("decision").and_then(Value::as_str),
-        f.get("signature")
-            .filter(|v| v.is_string() || v.is_object()),
-    ) else {
-        return refuse(
-            ErrorCode::InvalidRequest,
-            "approval_response needs string fields approval_id, device_id, decision, signature (an object for a passkey)",
-        );
-    };
-    let wanted = match decision {
-        "approve" => Decision::Approved,
-        "deny" => Decision::Denied,
-        _ => {
-            return refuse(
-                ErrorCode::InvalidRequest,
-                "decision must be \"approve\" or \"deny\"",
-            );
+        if let Err(e) = stored {
+            tracing::error!(error = %e, "cannot store an approval decision");
         }
-    };
-    let sig = match sig {
-        Value::String(s) => match unb64(s) {
-            Some(b) => ResponseSignature::Bytes(b),
-            None => return refuse(ErrorCode::InvalidRequest, "signature is not base64url"),
-        },
-        obj => match webauthn::Assertion::parse(obj) {
-            Ok(a) => ResponseSignature::Webauthn(a),
-            Err(e) => return refuse(ErrorCode::InvalidRequest, e.0),
-        },
-    };
-    let Some(pending) = state.approvals.get(approval_id) else {
-        return refuse(
-            ErrorCode::NotFound,
-            "no pending approval with this id (unknown, expired or already decided)",
+        let action = format!("approval.{status}");
+        let digest = Some(p.action_digest.clone());
+        let recorded = if d == Decision::Approved {
+            self.record_durable(by, &action, digest, status, Some(&p.approval_id))
+                .await
+        } else {
+            self.record(by, &action, digest, status, Some(&p.approval_id))
+                .await;
+            Ok(())
+        };
+        tracing::info!(approval = %p.approval_id, status, "approval decided");
+        self.deps().events.broadcast(
+            &json!({"type": "approval_result", "approval_id": p.approval_id, "status": status})
+                .to_string(),
         );
-    };
-    if state.clock.now_ms() >= pending.expires_at {
-        if pending.decide(Decision::Expired, None) {
-            // Its waiter finishes it; answer as the timer would have.
-        }
-        return refuse(ErrorCode::NotFound, "this approval has expired");
+        recorded
     }
-    let id = device_id.to_string();
-    let device = state
-        .db
-        .call(move |c| devices::get_device(c, &id))
-        .await
-        .ok()
-        .flatten();
-    let Some(device) = device.filter(|d| !d.revoked) else {
-        state
-            .audit(
+
+    /// An audit record stamped now.
+    fn entry(
+        &self,
+        device_id: Option<&str>,
+        action: &str,
+        params_digest: Option<String>,
+        outcome: &str,
+        approval_id: Option<&str>,
+    ) -> AuditEntry {
+        AuditEntry {
+            ts_ms: self.now_ms(),
+            device_id: device_id.map(String::from),
+            action: action.to_string(),
+            params_digest,
+            outcome: outcome.to_string(),
+            approval_id: approval_id.map(String::from),
+            ..Default::default()
+        }
+    }
+
+    /// Appends an audit record.
+    async fn record(
+        &self,
+        device_id: Option<&str>,
+        action: &str,
+        params_digest: Option<String>,
+        outcome: &str,
+        approval_id: Option<&str>,
+    ) {
+        let entry = self.entry(device_id, action, params_digest, outcome, approval_id);
+        self.deps().audit.record(entry).await;
+    }
+
+    /// Appends an audit record and waits until it is on disk.
+    async fn record_durable(
+        &self,
+        device_id: Option<&str>,
+        action: &str,
+        params_digest: Option<String>,
+        outcome: &str,
+        approval_id: Option<&str>,
+    ) -> Result<(), ApprovalError> {
+        let entry = self.entry(device_id, action, params_digest, outcome, approval_id);
+        self.deps()
+            .audit
+            .record_durable(entry)
+            .await
+            .map_err(|_| ApprovalError::AuditUnavailable)
+    }
+
+    /// Handles an `approval_response` frame from `from`'s session; returns
+    /// the error frame for its sender, or None when it decided the approval.
+    pub async fn on_response(
+        &self,
+        from: &SessionHandle,
+        f: ApprovalResponseFrame,
+    ) -> Option<String> {
+        let approval_id = f.approval_id.clone();
+        let refused = self.respond(from, f).await.err()?;
+        let e = ApiError::from(refused);
+        Some(frames::approval_error(
+            e.code,
+            &e.message,
+            Some(&approval_id),
+        ))
+    }
+
+    /// Verifies an `approval_response` and decides its approval; Err
+    /// (nothing changed) with why not.
+    async fn respond(
+        &self,
+        from: &SessionHandle,
+        f: ApprovalResponseFrame,
+    ) -> Result<(), ApprovalError> {
+        let approval_id = f.approval_id.as_str();
+        let (device_id, decision) = (f.device_id.as_str(), f.decision.as_str());
+        let wanted = match f.decision {
+            ApprovalDecision::Approve => Decision::Approved,
+            ApprovalDecision::Deny => Decision::Denied,
+        };
+        let sig = match f.signature {
+            inbound::ResponseSignature::Encoded(s) => match unb64(&s) {
+                Some(b) => ResponseSignature::Bytes(b),
+                None => return Err(ApprovalError::SignatureNotBase64),
+            },
+            inbound::ResponseSignature::Assertion(obj) => {
+                match webauthn::Assertion::parse(&Value::Object(obj)) {
+                    Ok(a) => ResponseSignature::Webauthn(a),
+                    Err(e) => return Err(ApprovalError::MalformedAssertion(e.0)),
+                }
+            }
+        };
+        let Some(pending) = self.get(approval_id) else {
+            return Err(ApprovalError::NotPending);
+        };
+        if self.now_ms() >= pending.expires_at {
+            if pending.decide(Decision::Expired, None) {
+                // Its waiter finishes it; answer as the timer would have.
+            }
+            return Err(ApprovalError::TooLate);
+        }
+        let db = &self.deps().db;
+        let id = device_id.to_string();
+        let device = db
+            .call(move |c| devices::get_device(c, &id))
+            .await
+            .ok()
+            .flatten();
+        let Some(device) = device.filter(|d| !d.revoked) else {
+            self.record(
                 Some(&from.device_id),
                 "approval.response",
                 None,
@@ -603,14 +665,10 @@ pub async fn on_response(
                 Some(approval_id),
             )
             .await;
-        return refuse(
-            ErrorCode::Forbidden,
-            "the signing device is unknown or revoked",
-        );
-    };
-    if pending.barred_decider.as_deref() == Some(device.device_id.as_str()) {
-        state
-            .audit(
+            return Err(ApprovalError::UnknownDevice);
+        };
+        if pending.barred_decider.as_deref() == Some(device.device_id.as_str()) {
+            self.record(
                 Some(&device.device_id),
                 "approval.response",
                 None,
@@ -618,84 +676,73 @@ pub async fn on_response(
                 Some(approval_id),
             )
             .await;
-        return refuse(
-            ErrorCode::Forbidden,
-            "the device this approval would revoke cannot decide it",
-        );
-    }
-    let msg = signed_string(&[
-        APPROVAL_LABEL,
-        approval_id,
-        &pending.action_digest,
-        &pending.challenge,
-        decision,
-    ]);
-    // Ok(Some(signCount)) for a passkey, Ok(None) for a plain signature,
-    // Err(()) when it does not verify.
-    let verified: Result<Option<u32>, ()> = match (device.approval_key_alg, &sig) {
-        (ApprovalAlg::WebauthnEs256, ResponseSignature::Webauthn(a)) => {
-            match webauthn::verify(
-                &device.approval_public_key,
-                a,
-                &state.web_origin,
-                msg.as_bytes(),
-            ) {
-                Ok(n) => Ok(Some(n)),
-                Err(e) => {
-                    tracing::debug!(approval = %approval_id, reason = %e, "approval assertion refused");
+            return Err(ApprovalError::BarredDecider);
+        }
+        let msg = signed_string(&[
+            APPROVAL_LABEL,
+            approval_id,
+            &pending.action_digest,
+            &pending.challenge,
+            decision,
+        ]);
+        // Ok(Some(signCount)) for a passkey, Ok(None) for a plain signature,
+        // Err(()) when it does not verify.
+        let verified: Result<Option<u32>, ()> = match (device.approval_key_alg, &sig) {
+            (ApprovalAlg::WebauthnEs256, ResponseSignature::Webauthn(a)) => {
+                match webauthn::verify(
+                    &device.approval_public_key,
+                    a,
+                    &self.deps().web_origin,
+                    msg.as_bytes(),
+                ) {
+                    Ok(n) => Ok(Some(n)),
+                    Err(e) => {
+                        tracing::debug!(approval = %approval_id, reason = %e, "approval assertion refused");
+                        Err(())
+                    }
+                }
+            }
+            (ApprovalAlg::WebauthnEs256, ResponseSignature::Bytes(_)) => {
+                return Err(ApprovalError::AssertionExpected);
+            }
+            (_, ResponseSignature::Webauthn(_)) => {
+                return Err(ApprovalError::BytesExpected);
+            }
+            (alg, ResponseSignature::Bytes(b)) => {
+                if alg.verify(&device.approval_public_key, msg.as_bytes(), b) {
+                    Ok(None)
+                } else {
                     Err(())
                 }
             }
-        }
-        (ApprovalAlg::WebauthnEs256, ResponseSignature::Bytes(_)) => {
-            return refuse(
-                ErrorCode::InvalidRequest,
-                "this device's approval key is a passkey: signature is a WebAuthn assertion object",
-            );
-        }
-        (_, ResponseSignature::Webauthn(_)) => {
-            return refuse(
-                ErrorCode::InvalidRequest,
-                "this device's approval key is not a passkey: signature is base64url bytes",
-            );
-        }
-        (alg, ResponseSignature::Bytes(b)) => {
-            if alg.verify(&device.approval_public_key, msg.as_bytes(), b) {
-                Ok(None)
-            } else {
-                Err(())
-            }
-        }
-    };
-    // A passkey's signCount must advance (SPEC §11): checked and stored with
-    // one compare-and-set, and put back if the decision is not made, so the
-    // count moves exactly when a decision is recorded.
-    // Ok(Some((stored, new))) once a passkey's count has moved.
-    let counted: Result<Option<(u32, u32)>, ()> = match verified {
-        Ok(Some(n)) => {
-            let (id, key) = (device.device_id.clone(), device.approval_public_key.clone());
-            match state
-                .db
-                .call(move |c| devices::advance_sign_count(c, &id, &key, n))
-                .await
-            {
-                Ok(Some(before)) => Ok(Some((before, n))),
-                Ok(None) => {
-                    tracing::debug!(approval = %approval_id, "approval assertion refused: signCount did not advance");
-                    Err(())
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot check a passkey's signCount");
-                    Err(())
+        };
+        // A passkey's signCount must advance (SPEC §11): checked and stored
+        // with one compare-and-set, and put back if the decision is not
+        // made, so the count moves exactly when a decision is recorded.
+        // Ok(Some((stored, new))) once a passkey's count has moved.
+        let counted: Result<Option<(u32, u32)>, ()> = match verified {
+            Ok(Some(n)) => {
+                let (id, key) = (device.device_id.clone(), device.approval_public_key.clone());
+                match db
+                    .call(move |c| devices::advance_sign_count(c, &id, &key, n))
+                    .await
+                {
+                    Ok(Some(before)) => Ok(Some((before, n))),
+                    Ok(None) => {
+                        tracing::debug!(approval = %approval_id, "approval assertion refused: signCount did not advance");
+                        Err(())
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot check a passkey's signCount");
+                        Err(())
+                    }
                 }
             }
-        }
-        Ok(None) => Ok(None),
-        Err(()) => Err(()),
-    };
-    let Ok(counted) = counted else {
-        state
-            .audit(
+            Ok(None) => Ok(None),
+            Err(()) => Err(()),
+        };
+        let Ok(counted) = counted else {
+            self.record(
                 Some(&device.device_id),
                 "approval.response",
                 None,
@@ -703,25 +750,85 @@ pub async fn on_response(
                 Some(approval_id),
             )
             .await;
-        return refuse(
-            ErrorCode::BadSignature,
-            "the approval signature does not verify",
-        );
-    };
-    if !pending.decide(wanted, Some(device.device_id.clone())) {
-        if let Some((before, after)) = counted {
-            let id = device.device_id.clone();
-            if let Err(e) = state
-                .db
-                .call(move |c| devices::restore_sign_count(c, &id, after, before))
-                .await
-            {
-                tracing::error!(error = %e, "cannot restore a passkey's signCount");
+            return Err(ApprovalError::BadSignature);
+        };
+        if !pending.decide(wanted, Some(device.device_id.clone())) {
+            if let Some((before, after)) = counted {
+                let id = device.device_id.clone();
+                if let Err(e) = db
+                    .call(move |c| devices::restore_sign_count(c, &id, after, before))
+                    .await
+                {
+                    tracing::error!(error = %e, "cannot restore a passkey's signCount");
+                }
+            }
+            return Err(ApprovalError::AlreadyDecided);
+        }
+        Ok(())
+    }
+
+    /// Sends the oldest pending approval requests (at most [`MAX_REPLAY`])
+    /// to a session that just authenticated. The replay never closes the
+    /// session: if its outbox has no room it stops (`list_approvals` has
+    /// them all).
+    pub fn on_session_start(&self, session: &SessionHandle) {
+        for p in self.live().take(MAX_REPLAY) {
+            if !session.outbox.try_push(p.request_frame()) {
+                break;
             }
         }
-        return refuse(ErrorCode::NotFound, "this approval was already decided");
     }
-    None
+
+    /// `list_approvals`: the pending requests as sent, without `type`.
+    pub fn list_pending(&self) -> Vec<Value> {
+        self.live().map(|p| p.request.clone()).collect()
+    }
+
+    /// Undecided, unexpired approvals, oldest first.
+    fn live(&self) -> impl Iterator<Item = Arc<Pending>> {
+        let now = self.now_ms();
+        self.list()
+            .into_iter()
+            .filter(move |p| p.expires_at > now && p.decision().is_none())
+    }
+
+    /// After a restart, approvals that were pending are expired, never run.
+    pub async fn expire_stale_on_start(&self) {
+        let now = self.now_ms();
+        let stale = self
+            .deps()
+            .db
+            .call(move |c| storage::approvals::expire_pending_at_start(c, now))
+            .await;
+        let stale = match stale {
+            Ok(stale) => stale,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot expire stale approvals");
+                return;
+            }
+        };
+        for storage::approvals::StaleApproval {
+            approval_id: id,
+            request_json: req,
+        } in stale
+        {
+            let v: Value = serde_json::from_str(&req).unwrap_or_default();
+            let device = v.get("origin_device_id").and_then(Value::as_str);
+            let digest = v
+                .get("action_digest")
+                .and_then(Value::as_str)
+                .map(String::from);
+            self.record(
+                device,
+                "approval.expired",
+                digest,
+                "expired_on_restart",
+                Some(&id),
+            )
+            .await;
+            tracing::info!(approval = %id, "approval pending at shutdown expired");
+        }
+    }
 }
 
 /// An `approval_response` signature: bytes (Ed25519, ES256) or a passkey's
@@ -731,83 +838,202 @@ enum ResponseSignature {
     Webauthn(webauthn::Assertion),
 }
 
-/// Sends the oldest pending approval requests (at most [`MAX_REPLAY`]) to a
-/// session that just authenticated. The replay never closes the session: if
-/// its outbox has no room it stops (`list_approvals` has them all).
-pub async fn on_session_start(state: &AppState, session: &SessionHandle) {
-    let now = state.clock.now_ms();
-    let live = state
-        .approvals
-        .list()
-        .into_iter()
-        .filter(|p| p.expires_at > now && p.decision().is_none());
-    for p in live.take(MAX_REPLAY) {
-        if !session.outbox.try_push(p.request_frame()) {
-            break;
-        }
-    }
-}
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
 
-/// `list_approvals`: the pending requests as sent, without `type`.
-pub fn list_pending(state: &AppState) -> Vec<Value> {
-    let now = state.clock.now_ms();
-    state
-        .approvals
-        .list()
-        .into_iter()
-        .filter(|p| p.expires_at > now && p.decision().is_none())
-        .map(|p| p.request.clone())
-        .collect()
-}
+    use ed25519_dalek::{Signer, SigningKey};
 
-/// After a restart, approvals that were pending are expired, never run.
-pub async fn expire_stale_on_start(state: &AppState) {
-    let now = state.clock.now_ms();
-    let stale = state
-        .db
-        .call(move |c| {
-            let tx = c.transaction()?;
-            let ids: Vec<(String, String)> = {
-                let mut st = tx.prepare(
-                    "SELECT approval_id, request_json FROM approvals WHERE status = 'pending'",
-                )?;
-                st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-                    .collect::<Result<_, _>>()?
-            };
-            tx.execute(
-                "UPDATE approvals SET status = 'expired', decided_at = ?1 WHERE status = 'pending'",
-                [now],
-            )?;
-            // Rows written before v1.1 kept the challenge; it never stays on disk.
-            tx.execute(
-                "UPDATE approvals SET request_json = json_remove(request_json, '$.challenge') WHERE json_extract(request_json, '$.challenge') IS NOT NULL",
-                [],
-            )?;
-            tx.commit()?;
-            Ok(ids)
-        })
-        .await;
-    match stale {
-        Ok(ids) => {
-            for (id, req) in ids {
-                let v: Value = serde_json::from_str(&req).unwrap_or_default();
-                let device = v.get("origin_device_id").and_then(Value::as_str);
-                let digest = v
-                    .get("action_digest")
-                    .and_then(Value::as_str)
-                    .map(String::from);
-                state
-                    .audit(
-                        device,
-                        "approval.expired",
-                        digest,
-                        "expired_on_restart",
-                        Some(&id),
-                    )
-                    .await;
-                tracing::info!(approval = %id, "approval pending at shutdown expired");
+    use super::*;
+    use crate::auth::keys::{b64, device_id_for};
+    use crate::protocol::inbound::ResponseSignature as Sent;
+    use crate::sessions::{Outbound, Outbox, OutboxReceiver};
+    use crate::storage::audit::Retention;
+    use crate::storage::devices::{NewDevice, Paired};
+
+    /// The next text frame a session's outbox got, as JSON.
+    async fn next_frame(rx: &mut OutboxReceiver) -> Value {
+        loop {
+            let o = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .expect("a frame in time")
+                .expect("the outbox is open");
+            rx.release(&o);
+            if let Outbound::Text(t) = o {
+                return serde_json::from_str(&t).unwrap();
             }
         }
-        Err(e) => tracing::error!(error = %e, "cannot expire stale approvals"),
+    }
+
+    /// The gate built from its own handles only (no server state): a
+    /// request is announced, a forged answer changes nothing, the signed
+    /// approval decides it once, the action gets its params back, and the
+    /// decision is stored, audited and announced.
+    #[tokio::test]
+    async fn a_gate_built_from_its_deps_alone_asks_and_is_approved() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("agent.db")).unwrap();
+        let config = Config::parse("", &dir.path().join("config.toml")).unwrap();
+        let clock = Clock::new();
+        let (shutdown, tracker) = (CancellationToken::new(), TaskTracker::new());
+        let audit = Arc::new(AuditLog::start(
+            dir.path().join("audit"),
+            db.clone(),
+            Retention::default(),
+        ));
+        let events = Arc::new(Sessions::default());
+        let approvals = Approvals::new(Deps {
+            db: db.clone(),
+            clock,
+            config: watch::channel(Arc::new(config)).1,
+            events: events.clone(),
+            audit: audit.clone(),
+            shutdown: shutdown.clone(),
+            tracker: tracker.clone(),
+            web_origin: String::new(),
+        });
+
+        // A paired phone with an Ed25519 approval key, and its live session.
+        let device_key = SigningKey::from_bytes(&[1; 32]);
+        let approval_key = SigningKey::from_bytes(&[2; 32]);
+        let device_id = device_id_for(device_key.verifying_key().as_bytes());
+        let phone = NewDevice {
+            device_id: device_id.clone(),
+            device_name: "phone".into(),
+            public_key: device_key.verifying_key().as_bytes().to_vec(),
+            approval_public_key: approval_key.verifying_key().as_bytes().to_vec(),
+            approval_key_alg: ApprovalAlg::Ed25519,
+            webauthn: None,
+        };
+        let now = clock.now_ms();
+        let paired = db
+            .blocking(|c| {
+                devices::insert_pairing_code(c, "code-hash", now, 60)?;
+                devices::complete_pairing(c, "code-hash", now, &phone)
+            })
+            .unwrap();
+        assert!(matches!(paired, Paired::Stored(_)));
+        let (outbox, mut rx) = Outbox::new();
+        let session = Arc::new(SessionHandle::new(
+            "s1".into(),
+            device_id.as_str().into(),
+            outbox,
+        ));
+        events.insert(session.clone());
+
+        let caller = Caller {
+            session_id: "s1".into(),
+            device_id: device_id.as_str().into(),
+            peer: None,
+            request_id: "r1".into(),
+        };
+        let waiting = {
+            let (gate, caller) = (approvals.clone(), caller.clone());
+            tokio::spawn(async move {
+                let raw = json!({"device_id": "someone"});
+                let request = Prepared {
+                    params: 42u32,
+                    summary: "Revoke someone".into(),
+                };
+                gate.gate(&caller, "revoke_device", &raw, request.into())
+                    .await
+            })
+        };
+
+        let req = next_frame(&mut rx).await;
+        assert_eq!(req["type"], "approval_request");
+        assert_eq!(
+            (req["action"].as_str(), req["origin_device_id"].as_str()),
+            (Some("revoke_device"), Some(device_id.as_str()))
+        );
+        let id = req["approval_id"].as_str().unwrap().to_string();
+        let pending = next_frame(&mut rx).await;
+        assert_eq!(
+            (
+                pending["event"].as_str(),
+                pending["data"]["request_id"].as_str()
+            ),
+            (Some("approval_pending"), Some("r1"))
+        );
+        assert_eq!(pending["data"]["approval_id"], id.as_str());
+        assert_eq!(approvals.list_pending().len(), 1);
+        assert_eq!(approvals.origin_devices(), std::slice::from_ref(&device_id));
+
+        let signed = |decision: &str| {
+            let msg = signed_string(&[
+                APPROVAL_LABEL,
+                &id,
+                req["action_digest"].as_str().unwrap(),
+                req["challenge"].as_str().unwrap(),
+                decision,
+            ]);
+            b64(&approval_key.sign(msg.as_bytes()).to_bytes())
+        };
+        let answer = |signature: String| ApprovalResponseFrame {
+            approval_id: id.clone(),
+            device_id: device_id.clone(),
+            decision: ApprovalDecision::Approve,
+            signature: Sent::Encoded(signature),
+        };
+        // A signature over "deny" does not approve: refused, still pending.
+        let refused: Value = serde_json::from_str(
+            &approvals
+                .on_response(&session, answer(signed("deny")))
+                .await
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            (refused["code"].as_str(), refused["approval_id"].as_str()),
+            (Some("bad_signature"), Some(id.as_str()))
+        );
+        assert_eq!(approvals.list_pending().len(), 1);
+
+        assert_eq!(
+            approvals
+                .on_response(&session, answer(signed("approve")))
+                .await,
+            None
+        );
+        let approved = waiting.await.unwrap().unwrap();
+        assert_eq!(
+            (approved.approval_id(), *approved.params()),
+            (id.as_str(), 42)
+        );
+        let result = next_frame(&mut rx).await;
+        assert_eq!(
+            (result["type"].as_str(), result["status"].as_str()),
+            (Some("approval_result"), Some("approved"))
+        );
+        assert!(approvals.list_pending().is_empty());
+        // Decided once: the same answer again finds nothing pending.
+        let again: Value = serde_json::from_str(
+            &approvals
+                .on_response(&session, answer(signed("approve")))
+                .await
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(again["code"], "not_found");
+
+        let stored = db.blocking(|c| storage::approvals::status(c, &id)).unwrap();
+        assert_eq!(stored, Some(("approved".into(), Some(device_id.clone()))));
+        audit.flush().await;
+        let log = std::fs::read_to_string(dir.path().join("audit/audit.jsonl")).unwrap();
+        for action in [
+            "approval.requested",
+            "approval.response",
+            "approval.approved",
+        ] {
+            assert!(log.contains(action), "{action} is audited");
+        }
+        assert!(
+            !log.contains(req["challenge"].as_str().unwrap()),
+            "no challenge in the audit log"
+        );
+        shutdown.cancel();
+        tracker.close();
+        tracker.wait().await;
+        audit.close_async().await;
     }
 }

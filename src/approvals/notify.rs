@@ -4,11 +4,12 @@
 //! decides an approval. At most [`ATTEMPTS`] attempts, with backoff. The
 //! URL is a bearer capability: logged only as scheme, host and port.
 
-use std::sync::Arc;
 use std::time::Duration;
 
+use tokio_util::sync::CancellationToken;
+
+use super::Approvals;
 use crate::scheduler::run::redact_url;
-use crate::state::AppState;
 
 /// Attempts in all (the first and three retries).
 pub const ATTEMPTS: u32 = 4;
@@ -26,41 +27,48 @@ pub fn body(action: &str, approval_id: &str, summary: &str, include_summary: boo
     }
 }
 
-/// Starts the notification of a new approval, if `notify.url` is set.
-pub fn approval_created(state: &Arc<AppState>, action: &str, approval_id: &str, summary: &str) {
-    let cfg = state.config();
-    let url = cfg.notify.url.expose().to_string();
-    if url.is_empty() {
-        return;
+impl Approvals {
+    /// Starts the notification of a new approval, if `notify.url` is set.
+    pub(super) fn notify_created(&self, action: &str, approval_id: &str, summary: &str) {
+        let cfg = self.config();
+        let url = cfg.notify.url.expose().to_string();
+        if url.is_empty() {
+            return;
+        }
+        let text = body(action, approval_id, summary, cfg.notify.include_summary);
+        let (shutdown, id) = (self.deps().shutdown.clone(), approval_id.to_string());
+        self.deps()
+            .tracker
+            .spawn(post_with_retries(url, text, shutdown, id));
     }
-    let text = body(action, approval_id, summary, cfg.notify.include_summary);
-    let (shutdown, id) = (state.shutdown.clone(), approval_id.to_string());
-    state.tasks.spawn(async move {
-        let mut backoff = FIRST_BACKOFF;
-        for attempt in 1..=ATTEMPTS {
-            let (u, t) = (url.clone(), text.clone());
-            let sent = tokio::select! {
-                r = tokio::task::spawn_blocking(move || post(&u, t)) => r.unwrap_or_else(|e| Err(e.to_string())),
-                _ = shutdown.cancelled() => return,
-            };
-            match sent {
-                Ok(()) => {
-                    tracing::debug!(approval = %id, attempt, "approval notification sent");
-                    return;
-                }
-                Err(e) => {
-                    tracing::warn!(approval = %id, attempt, to = %origin_of(&url), error = %e, "approval notification failed");
-                }
+}
+
+/// Up to [`ATTEMPTS`] POSTs with backoff; stops at shutdown.
+async fn post_with_retries(url: String, text: String, shutdown: CancellationToken, id: String) {
+    let mut backoff = FIRST_BACKOFF;
+    for attempt in 1..=ATTEMPTS {
+        let (u, t) = (url.clone(), text.clone());
+        let sent = tokio::select! {
+            r = tokio::task::spawn_blocking(move || post(&u, t)) => r.unwrap_or_else(|e| Err(e.to_string())),
+            _ = shutdown.cancelled() => return,
+        };
+        match sent {
+            Ok(()) => {
+                tracing::debug!(approval = %id, attempt, "approval notification sent");
+                return;
             }
-            if attempt < ATTEMPTS {
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = shutdown.cancelled() => return,
-                }
-                backoff *= 2;
+            Err(e) => {
+                tracing::warn!(approval = %id, attempt, to = %origin_of(&url), error = %e, "approval notification failed");
             }
         }
-    });
+        if attempt < ATTEMPTS {
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = shutdown.cancelled() => return,
+            }
+            backoff *= 2;
+        }
+    }
 }
 
 /// Where a notification goes, as it may be logged: scheme, host and port

@@ -93,7 +93,7 @@ fn typed<T: serde::de::DeserializeOwned>(frame: Value, kind: &str) -> Result<T, 
 }
 
 fn new_session_id() -> String {
-    hex::encode(random_bytes::<16>())
+    crate::ids::session_id()
 }
 
 /// Handles the first frame of a connection. Failures are counted for rate

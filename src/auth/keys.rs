@@ -9,7 +9,6 @@ use std::path::Path;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
-use rand::RngCore;
 use sha2::{Digest, Sha256};
 
 pub const AUTH_LABEL: &str = "secrets-agent/v1/auth";
@@ -27,11 +26,8 @@ pub fn unb64(s: &str) -> Option<Vec<u8>> {
     URL_SAFE_NO_PAD.decode(s.trim_end_matches('=')).ok()
 }
 
-pub fn random_bytes<const N: usize>() -> [u8; N] {
-    let mut b = [0u8; N];
-    rand::rngs::OsRng.fill_bytes(&mut b);
-    b
-}
+/// Randomness lives in [`crate::ids`]; re-exported for the callers here.
+pub use crate::ids::random_bytes;
 
 /// Lines joined by `\n`, no trailing newline (SPEC §4).
 pub fn signed_string(lines: &[&str]) -> String {

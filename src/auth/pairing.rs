@@ -9,7 +9,7 @@
 
 use serde_json::json;
 
-use super::keys::{PairingCodeKey, ServerKey, random_bytes};
+use super::keys::{PairingCodeKey, ServerKey};
 use crate::clock::rfc3339_ms;
 use crate::storage::devices::insert_pairing_code;
 use crate::storage::{Db, StorageError, get_meta};
@@ -43,7 +43,7 @@ const CODE_ALPHABET: &[u8] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
 
 /// A fresh code `XXXX-XXXX` (40 random bits).
 fn new_code() -> String {
-    let raw = random_bytes::<8>();
+    let raw = crate::ids::random_bytes::<8>();
     let chars: String = raw
         .iter()
         .map(|b| CODE_ALPHABET[(*b as usize) % 32] as char)

@@ -8,5 +8,5 @@ use crate::rpc::{ActionResult, Caller, NoParams};
 use crate::state::AppState;
 
 pub async fn list_approvals(state: Arc<AppState>, _caller: Caller, _p: NoParams) -> ActionResult {
-    Ok(json!({"result": "approvals", "approvals": crate::approvals::list_pending(&state)}))
+    Ok(json!({"result": "approvals", "approvals": state.approvals.list_pending()}))
 }

@@ -1,19 +1,20 @@
 //! Actions, one module per domain. This file is the dispatch table: every
 //! action the server answers is named here once. Gated actions (biometric
-//! approval) are registered with `register_gated`.
+//! approval) are registered with `gate::register_gated`.
 
 pub mod approvals;
 pub mod config;
 pub mod dashboard;
 pub mod devices;
+pub mod gate;
 pub mod memory;
 pub mod plugins;
 pub mod scheduler;
 pub mod secrets;
 pub mod skills;
 
-use crate::approvals::register_gated;
 use crate::rpc::{Actions, register};
+use gate::register_gated;
 
 /// Sets a plugin/skill/task toggle through its [`Toggles`] (persisted, then
 /// in memory) and words the answer (`"<Label> 'NAME' enabled"`).
@@ -84,7 +85,7 @@ pub fn register_all(m: &mut Actions) {
         secrets::prepare_delete,
         secrets::delete_secret,
     );
-    crate::approvals::local::register_gated_for_caller(
+    gate::register_gated_for_caller(
         m,
         "reveal_secret",
         secrets::prepare_reveal,

@@ -5,7 +5,6 @@ use std::sync::Arc;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::approvals::local::StateHost;
 use crate::rpc::{ActionResult, Caller, NoParams};
 use crate::state::AppState;
 
@@ -35,7 +34,7 @@ pub struct TriggerTask {
 /// Starts a run now, whatever the schedule and enabled state; answers once
 /// it has started. `execution_id` is an addition to SPEC §6.
 pub async fn trigger_task(state: Arc<AppState>, _c: Caller, p: TriggerTask) -> ActionResult {
-    let host = Arc::new(StateHost(state.clone()));
+    let host = state.approvals.host();
     let id = state.scheduler.trigger(&p.name, host).await?;
     Ok(
         json!({"result": "success", "message": format!("Task '{}' started", p.name), "execution_id": id}),

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::approvals::local::StateHost;
 use crate::approvals::{Approved, Prepared};
 use crate::protocol::{ApiError, ErrorCode};
 use crate::rpc::{ActionResult, Caller, NoParams};
@@ -62,10 +61,9 @@ fn granted<P>(a: &Approved<P>) -> Granted {
 pub async fn set_secret(state: Arc<AppState>, approved: Approved<SetSecret>) -> ActionResult {
     let g = granted(&approved);
     let p = approved.into_params();
-    let host = StateHost(state.clone());
     let replaced = apply_set(
         &state.secrets,
-        &host,
+        &state.approvals,
         &p.name,
         p.value,
         p.description,
@@ -103,7 +101,7 @@ pub async fn prepare_delete(
 pub async fn delete_secret(state: Arc<AppState>, approved: Approved<SecretName>) -> ActionResult {
     let g = granted(&approved);
     let p = approved.into_params();
-    apply_delete(&state.secrets, &StateHost(state.clone()), &p.name, Some(g)).await?;
+    apply_delete(&state.secrets, &state.approvals, &p.name, Some(g)).await?;
     Ok(json!({"result": "success", "message": format!("Secret '{}' deleted", p.name)}))
 }
 
@@ -134,7 +132,8 @@ pub async fn reveal_secret(state: Arc<AppState>, approved: Approved<SecretName>)
         .secrets
         .open_values(std::slice::from_ref(&name), false)
         .await?;
-    StateHost(state.clone())
+    state
+        .approvals
         .audit(SecretAudit {
             action: "secret.revealed",
             outcome: "ok".into(),
@@ -169,7 +168,8 @@ pub async fn revoke_secret_lease(state: Arc<AppState>, c: Caller, p: RevokeLease
             "no live lease with this id (unknown or ended)",
         ));
     };
-    StateHost(state.clone())
+    state
+        .approvals
         .audit(SecretAudit {
             action: "secret.lease_revoked",
             outcome: "ok".into(),

@@ -85,10 +85,7 @@ impl NewMemory {
 
 /// `mem_` + 16 random hex characters.
 pub fn new_id() -> String {
-    format!(
-        "mem_{}",
-        hex::encode(crate::auth::keys::random_bytes::<8>())
-    )
+    crate::ids::memory_id()
 }
 
 /// Memory requests admitted at once (all devices together).

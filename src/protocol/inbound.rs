@@ -1,6 +1,7 @@
 //! Decoding of the frames an authenticated session receives (SPEC §5, §8).
 //! Pure: no I/O, no state — the fuzz target drives it directly.
 
+use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::codes::{ApiError, ErrorCode};
@@ -24,8 +25,8 @@ pub enum Inbound {
     },
     /// A JSON-RPC notification: not executed, no reply.
     Notification,
-    /// A phone's answer to an approval request.
-    ApprovalResponse(Map<String, Value>),
+    /// A phone's answer to an approval request, its fields checked.
+    ApprovalResponse(ApprovalResponseFrame),
     /// Nothing to run: send this frame back.
     Reply(String),
 }
@@ -61,7 +62,7 @@ pub fn decode(text: &str) -> Inbound {
     }
     match obj.get("type").and_then(Value::as_str) {
         Some("admin") => decode_admin(obj),
-        Some("approval_response") => Inbound::ApprovalResponse(obj),
+        Some("approval_response") => decode_approval_response(obj),
         Some(other) => {
             let msg = format!(
                 "unknown frame type {:?}",
@@ -74,6 +75,84 @@ pub fn decode(text: &str) -> Inbound {
             "missing or non-string field `type`",
         )),
     }
+}
+
+/// An `approval_response` frame (SPEC §8): which approval, which device's
+/// approval key signed, the decision and the signature. Decoding checks the
+/// fields' presence and types and the decision; the signature is read by
+/// the approval gate, which knows the signing device's key type.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApprovalResponseFrame {
+    pub approval_id: String,
+    pub device_id: String,
+    pub decision: ApprovalDecision,
+    pub signature: ResponseSignature,
+}
+
+/// `approve` or `deny`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApprovalDecision {
+    Approve,
+    Deny,
+}
+
+impl ApprovalDecision {
+    /// The wire form, as signed.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApprovalDecision::Approve => "approve",
+            ApprovalDecision::Deny => "deny",
+        }
+    }
+}
+
+/// An `approval_response` signature as sent: base64url text (Ed25519,
+/// ES256) or a passkey's WebAuthn assertion object (SPEC §11).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum ResponseSignature {
+    Encoded(String),
+    Assertion(Map<String, Value>),
+}
+
+/// The fields of an `approval_response` before the decision is checked.
+#[derive(Deserialize)]
+struct ApprovalResponseFields {
+    approval_id: String,
+    device_id: String,
+    decision: String,
+    signature: ResponseSignature,
+}
+
+fn decode_approval_response(obj: Map<String, Value>) -> Inbound {
+    // Every refusal names the approval when the frame did (as a string).
+    let echo = obj
+        .get("approval_id")
+        .and_then(Value::as_str)
+        .map(String::from);
+    let refuse = |msg: &str| {
+        Inbound::Reply(frames::approval_error(
+            ErrorCode::InvalidRequest,
+            msg,
+            echo.as_deref(),
+        ))
+    };
+    let Ok(f) = ApprovalResponseFields::deserialize(Value::Object(obj)) else {
+        return refuse(
+            "approval_response needs string fields approval_id, device_id, decision, signature (an object for a passkey)",
+        );
+    };
+    let decision = match f.decision.as_str() {
+        "approve" => ApprovalDecision::Approve,
+        "deny" => ApprovalDecision::Deny,
+        _ => return refuse("decision must be \"approve\" or \"deny\""),
+    };
+    Inbound::ApprovalResponse(ApprovalResponseFrame {
+        approval_id: f.approval_id,
+        device_id: f.device_id,
+        decision,
+        signature: f.signature,
+    })
 }
 
 fn decode_admin(mut obj: Map<String, Value>) -> Inbound {
@@ -172,5 +251,63 @@ mod tests {
         );
         assert!(matches!(decode("[1]"), Inbound::Reply(r) if r.contains("-32600")));
         assert!(matches!(decode("nope"), Inbound::Reply(r) if r.contains("invalid_json")));
+    }
+
+    fn reply(text: &str) -> Value {
+        match decode(text) {
+            Inbound::Reply(r) => serde_json::from_str(&r).unwrap(),
+            other => panic!("{text}: decoded to {other:?}"),
+        }
+    }
+
+    #[test]
+    fn approval_responses_are_typed_or_refused_as_before() {
+        let ok = decode(
+            r#"{"type":"approval_response","approval_id":"apr_1","device_id":"d","decision":"deny","signature":"AA","extra":1}"#,
+        );
+        assert_eq!(
+            ok,
+            Inbound::ApprovalResponse(ApprovalResponseFrame {
+                approval_id: "apr_1".into(),
+                device_id: "d".into(),
+                decision: ApprovalDecision::Deny,
+                signature: ResponseSignature::Encoded("AA".into()),
+            })
+        );
+        let passkey = decode(
+            r#"{"type":"approval_response","approval_id":"a","device_id":"d","decision":"approve","signature":{"k":1}}"#,
+        );
+        assert!(matches!(
+            passkey,
+            Inbound::ApprovalResponse(ApprovalResponseFrame { signature: ResponseSignature::Assertion(m), decision: ApprovalDecision::Approve, .. }) if m["k"] == 1
+        ));
+        let needs = "approval_response needs string fields approval_id, device_id, decision, signature (an object for a passkey)";
+        let r = reply(r#"{"type":"approval_response"}"#);
+        assert_eq!(
+            r,
+            json!({"type": "error", "code": "invalid_request", "message": needs})
+        );
+        for bad in [
+            r#"{"type":"approval_response","approval_id":"apr_1","device_id":"d","decision":"approve","signature":7}"#,
+            r#"{"type":"approval_response","approval_id":"apr_1","device_id":null,"decision":"approve","signature":"AA"}"#,
+            r#"{"type":"approval_response","approval_id":"apr_1","device_id":"d","decision":true,"signature":"AA"}"#,
+        ] {
+            assert_eq!(
+                reply(bad),
+                json!({"type": "error", "code": "invalid_request", "message": needs, "approval_id": "apr_1"}),
+                "{bad}"
+            );
+        }
+        let r = reply(
+            r#"{"type":"approval_response","approval_id":5,"device_id":"d","decision":"approve","signature":"AA"}"#,
+        );
+        assert_eq!(r.get("approval_id"), None, "only a string id is echoed");
+        let r = reply(
+            r#"{"type":"approval_response","approval_id":"apr_2","device_id":"d","decision":"maybe","signature":"AA"}"#,
+        );
+        assert_eq!(
+            r,
+            json!({"type": "error", "code": "invalid_request", "message": "decision must be \"approve\" or \"deny\"", "approval_id": "apr_2"})
+        );
     }
 }

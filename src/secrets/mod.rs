@@ -4,7 +4,8 @@
 //! [`Secrets`] owns what it uses — the database handle, the clock and the
 //! vault key — and never reaches the whole server state: what it needs from
 //! the server (the approval gate, the audit log, the paired devices) comes
-//! through the [`Host`] trait, implemented in `approvals::local`.
+//! through the [`Host`] trait, implemented by the approval gate
+//! (`approvals::Approvals`, in `approvals/local.rs`).
 
 pub mod release;
 pub mod socket;
@@ -494,10 +495,7 @@ impl Secrets {
         approval_id: &str,
         device_id: Option<&str>,
     ) -> Result<String, SecretError> {
-        let lease_id = format!(
-            "lease_{}",
-            hex::encode(crate::auth::keys::random_bytes::<12>())
-        );
+        let lease_id = crate::ids::lease_id();
         let now = self.now_ms();
         let expires = now + (lease_secs as i64) * 1000;
         let (id, names, req, reason, approval, device, kind, key) = (

@@ -88,8 +88,8 @@ pub struct SecretAudit {
 }
 
 /// What the vault needs from the server: the approval gate, the paired
-/// devices, the lease cap and the audit log (implemented in
-/// `approvals::local`).
+/// devices, the lease cap and the audit log (implemented by
+/// `approvals::Approvals`, which holds all four).
 pub trait Host: Send + Sync {
     /// Asks the phones (an approval with null `origin_device_id` and
     /// `request_id`); `gone` expires it at once; `pending` hears of it.

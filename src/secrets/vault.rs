@@ -81,7 +81,7 @@ impl VaultKey {
 
     /// Makes a new random key at `path` (mode 0600); never replaces a file.
     pub fn create(path: &Path) -> Result<VaultKey, SecretError> {
-        let k = Zeroizing::new(crate::auth::keys::random_bytes::<32>());
+        let k = Zeroizing::new(crate::ids::random_bytes::<32>());
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -104,7 +104,7 @@ impl VaultKey {
 
     /// nonce ‖ ciphertext of `plain`, bound to `name`.
     pub fn seal(&self, name: &str, plain: &[u8]) -> Vec<u8> {
-        let nonce = crate::auth::keys::random_bytes::<NONCE_LEN>();
+        let nonce = crate::ids::random_bytes::<NONCE_LEN>();
         let ad = format!("{AD_LABEL}{name}");
         let ct = self
             .cipher()

@@ -1032,6 +1032,10 @@ const QUEUE_CAPACITY: usize = 4096;
 /// A batch this large is written without waiting for the delay to pass.
 const MAX_BATCH: usize = 1024;
 
+/// The writer thread has stopped: nothing more is queued.
+#[derive(Debug)]
+struct Stopped;
+
 /// The queue between the request path and the writer thread. A producer
 /// wakes the writer only when it sleeps with nothing to do, or for a
 /// message that someone waits on ([`Msg::urgent`]); while the writer
@@ -1066,21 +1070,22 @@ impl Queue {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Queues `msg`, waiting for room; Err(msg) once the writer stopped.
-    async fn send(&self, msg: Msg) -> Result<(), Msg> {
+    /// Queues `msg`, waiting for room; Err (and `msg` dropped) once the
+    /// writer stopped.
+    async fn send(&self, msg: Msg) -> Result<(), Stopped> {
         match self.space.acquire().await {
             Ok(permit) => permit.forget(),
-            Err(_) => return Err(msg),
+            Err(_) => return Err(Stopped),
         }
         self.push(msg)
     }
 
     /// Queues `msg` without waiting for room (for `close`, which must not
     /// wait behind a full queue the writer is about to drain).
-    fn push(&self, msg: Msg) -> Result<(), Msg> {
+    fn push(&self, msg: Msg) -> Result<(), Stopped> {
         let mut q = self.lock();
         if q.closed {
-            return Err(msg);
+            return Err(Stopped);
         }
         let wake = q.idle || msg.urgent();
         q.msgs.push_back(msg);

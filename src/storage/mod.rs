@@ -3,6 +3,7 @@
 //! rusqlite never runs on the async runtime's threads: `Db::call` moves the
 //! work to the blocking pool, and no lock is held across an `.await`.
 
+pub mod approvals;
 pub mod audit;
 pub mod devices;
 pub mod toggles;
