@@ -34,9 +34,9 @@ use crate::state::AppState;
 use tokio_util::sync::CancellationToken;
 
 /// Any byte stream a connection can run on (TCP or TLS over TCP).
-pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+pub(crate) trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
-pub type BoxIo = Box<dyn Io>;
+pub(crate) type BoxIo = Box<dyn Io>;
 
 type Ws = WebSocketStream<BoxIo>;
 
@@ -59,13 +59,13 @@ const BUSY_RETRY_MS: u64 = 50;
 /// what a reader buffers ahead of it.
 const PRE_AUTH_BYTES: usize = 8 * 1024;
 /// The largest frame accepted before authentication (SPEC §4 v1.1).
-pub const PRE_AUTH_FRAME: usize = 4 * 1024;
+pub(crate) const PRE_AUTH_FRAME: usize = 4 * 1024;
 /// How long the writer may be stuck on a peer that does not read.
 const WRITE_STALL: Duration = Duration::from_secs(30);
 
 /// Serves one accepted connection to the end. `ticket` is its place among
 /// unauthenticated connections, given up once the handshake succeeds.
-pub async fn serve(
+pub(crate) async fn serve(
     state: Arc<AppState>,
     registry: Registry,
     io: BoxIo,
@@ -330,14 +330,14 @@ impl AsyncWrite for Limited {
 
 /// Which browser origins may open `/ws` (SPEC §4, §11): requests without an
 /// `Origin` header (native clients) always may.
-pub struct OriginPolicy<'a> {
+pub(crate) struct OriginPolicy<'a> {
     pub web_origin: &'a str,
     pub allowed: &'a [String],
 }
 
 impl OriginPolicy<'_> {
     /// Origins are compared as whole strings, port included.
-    pub fn allows(&self, origin: &[u8]) -> bool {
+    pub(crate) fn allows(&self, origin: &[u8]) -> bool {
         let Ok(origin) = std::str::from_utf8(origin) else {
             return false;
         };

@@ -17,15 +17,15 @@ use std::time::Duration;
 use crate::config::AuditConfig;
 
 /// How often the volumes are checked.
-pub const CHECK_EVERY: Duration = Duration::from_secs(60);
+pub(crate) const CHECK_EVERY: Duration = Duration::from_secs(60);
 /// Below this many free bytes a volume is low (unless 5 % is smaller).
-pub const LOW_FREE_BYTES: u64 = 1 << 30;
+pub(crate) const LOW_FREE_BYTES: u64 = 1 << 30;
 /// Below this share of its size a volume is low (unless 1 GiB is smaller).
-pub const LOW_FREE_PERCENT: u64 = 5;
+pub(crate) const LOW_FREE_PERCENT: u64 = 5;
 
 /// A volume's size and the bytes an unprivileged process may still use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Space {
+pub(crate) struct Space {
     pub available: u64,
     pub total: u64,
     /// The device the volume is on (to report a shared volume once).
@@ -33,7 +33,7 @@ pub struct Space {
 }
 
 /// `statvfs` of the volume holding `path` (or its nearest existing parent).
-pub fn space(path: &Path) -> std::io::Result<Space> {
+pub(crate) fn space(path: &Path) -> std::io::Result<Space> {
     let mut p = path;
     while !p.exists() {
         p = p.parent().unwrap_or(Path::new("/"));
@@ -49,7 +49,7 @@ pub fn space(path: &Path) -> std::io::Result<Space> {
 }
 
 /// The free space below which a volume of `total` bytes is low.
-pub fn low_threshold(total: u64) -> u64 {
+pub(crate) fn low_threshold(total: u64) -> u64 {
     LOW_FREE_BYTES.min(total / (100 / LOW_FREE_PERCENT))
 }
 
@@ -70,7 +70,7 @@ fn human(bytes: u64) -> String {
 
 /// The warnings for measured volumes. `audit_bytes`: what the audit
 /// segments hold now; `max_bytes`: `audit.max_bytes` (0: no limit).
-pub fn warnings(
+pub(crate) fn warnings(
     data: (&Path, Space),
     audit: (&Path, Space),
     audit_bytes: u64,
@@ -155,7 +155,7 @@ impl DiskWatch {
 }
 
 /// The paths a check needs, resolved from the data dir and config.
-pub fn paths(root: &Path, audit: &AuditConfig) -> (PathBuf, PathBuf) {
+pub(crate) fn paths(root: &Path, audit: &AuditConfig) -> (PathBuf, PathBuf) {
     (
         root.to_path_buf(),
         crate::config::Config::resolve(root, &audit.dir),

@@ -71,7 +71,7 @@ impl From<ApprovalError> for ApiError {
 }
 
 /// The error of an action refused because the audit log cannot be written.
-pub fn audit_unavailable() -> ApiError {
+pub(crate) fn audit_unavailable() -> ApiError {
     ApiError::new(
         ErrorCode::Unavailable,
         "the audit log cannot be written, so this action was refused and nothing was changed; \

@@ -4,6 +4,9 @@
 //!
 //! See ARCHITECTURE.md for the map. The entry point is [`server::start`].
 
+// Crate-private modules keep their items `pub(crate)` (see below).
+#![warn(unreachable_pub)]
+
 // Crate-private: the server's inner parts, used by nothing outside it.
 pub(crate) mod approvals;
 pub(crate) mod connection;
@@ -26,7 +29,7 @@ pub(crate) mod skills;
 // - the fuzz targets: `protocol::inbound::decode`, `rpc::Registry`,
 //   `handlers::registry`, `server::test_state`.
 // Inside the crate-private modules every item is `pub(crate)` (the
-// `unreachable_pub` lint in Cargo.toml keeps it so).
+// `unreachable_pub` lint at the top of this file keeps it so).
 pub mod admission;
 pub mod auth;
 pub mod budget;

@@ -99,7 +99,7 @@ fn str_array(item: Option<&Item>, key: &str) -> Result<Option<Vec<String>>, Stri
 }
 
 /// Parses a manifest's text. `dir` is the plugin's folder.
-pub fn parse_manifest(text: &str, dir: &Path) -> Result<Plugin, String> {
+pub(crate) fn parse_manifest(text: &str, dir: &Path) -> Result<Plugin, String> {
     let doc: DocumentMut = text
         .parse()
         .map_err(|e: toml_edit::TomlError| e.to_string().trim().to_string())?;

@@ -13,7 +13,7 @@ use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::Path;
 
 /// Makes every file this process creates from now on private (umask 077).
-pub fn set_private_umask() {
+pub(crate) fn set_private_umask() {
     // SAFETY: umask only changes the process's file-creation mask; it cannot fail.
     unsafe {
         libc::umask(0o077);
@@ -22,7 +22,7 @@ pub fn set_private_umask() {
 
 /// Creates `dir` (and its parents) with mode 0700; an existing `dir` with
 /// wider permissions is tightened, with a log line.
-pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+pub(crate) fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -32,7 +32,7 @@ pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
 
 /// Sets `path`'s mode to `mode` if it has group or world bits; absent files
 /// are fine. Returns whether anything changed.
-pub fn tighten(path: &Path, mode: u32) -> std::io::Result<()> {
+pub(crate) fn tighten(path: &Path, mode: u32) -> std::io::Result<()> {
     let meta = match fs::symlink_metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -56,7 +56,7 @@ pub fn tighten(path: &Path, mode: u32) -> std::io::Result<()> {
 
 /// Tightens the files a data dir holds (and the audit dir's), for a data dir
 /// made by an older version or loosened by hand.
-pub fn tighten_known_files(root: &Path, audit_dir: &Path) {
+pub(crate) fn tighten_known_files(root: &Path, audit_dir: &Path) {
     let files = [
         "config.toml",
         "agent.db",

@@ -36,14 +36,14 @@ impl Outbound {
 }
 
 /// Frames an outbox holds at most.
-pub const OUTBOX_CAPACITY: usize = 1024;
+pub(crate) const OUTBOX_CAPACITY: usize = 1024;
 /// Bytes queued for the writer at most (one larger frame may be queued alone).
-pub const OUTBOX_BYTES: usize = 8 * 1024 * 1024;
+pub(crate) const OUTBOX_BYTES: usize = 8 * 1024 * 1024;
 /// Bytes queued plus bytes of responses waiting for room, at most: beyond,
 /// the session is closed at once.
-pub const OUTBOX_HARD_BYTES: usize = 16 * 1024 * 1024;
+pub(crate) const OUTBOX_HARD_BYTES: usize = 16 * 1024 * 1024;
 /// How long a response may wait for room before the session is closed.
-pub const RESPONSE_WAIT: Duration = Duration::from_secs(30);
+pub(crate) const RESPONSE_WAIT: Duration = Duration::from_secs(30);
 
 #[derive(Debug)]
 struct OutboxShared {

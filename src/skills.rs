@@ -16,7 +16,7 @@ use crate::storage::toggles::Toggles;
 const ENABLED_BY_DEFAULT: bool = true;
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct Skill {
+pub(crate) struct Skill {
     pub id: String,
     pub name: String,
     pub description: String,
@@ -26,7 +26,7 @@ pub struct Skill {
 }
 
 /// Splits `---\nYAML\n---\nMarkdown` and parses the YAML.
-pub fn parse_skill(id: &str, text: &str) -> Result<Skill, String> {
+pub(crate) fn parse_skill(id: &str, text: &str) -> Result<Skill, String> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let rest = text
         .strip_prefix("---\n")

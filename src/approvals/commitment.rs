@@ -23,7 +23,7 @@ use crate::rpc::SECRET_KEYS;
 
 /// A per-approval commitment key. Never stored, logged or audited: it goes
 /// once into the requester's `approval_pending` event and is then dropped.
-pub struct CommitmentKey([u8; 32]);
+pub(crate) struct CommitmentKey([u8; 32]);
 
 impl std::fmt::Debug for CommitmentKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -32,17 +32,17 @@ impl std::fmt::Debug for CommitmentKey {
 }
 
 impl CommitmentKey {
-    pub fn generate() -> CommitmentKey {
+    pub(crate) fn generate() -> CommitmentKey {
         CommitmentKey(random_bytes::<32>())
     }
 
     /// base64url without padding, as sent in `commitment_key`.
-    pub fn to_b64(&self) -> String {
+    pub(crate) fn to_b64(&self) -> String {
         b64(&self.0)
     }
 
     /// The TAG for `message`: 16 lowercase hex characters.
-    pub fn tag(&self, message: &[u8]) -> String {
+    pub(crate) fn tag(&self, message: &[u8]) -> String {
         let mut mac = Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC takes any key length");
         mac.update(message);
         let out = mac.finalize().into_bytes();
@@ -53,7 +53,7 @@ impl CommitmentKey {
 /// A copy of `params` with every secret value replaced by its commitment
 /// under `key`, and whether any value was committed (then the requester
 /// needs `key`).
-pub fn commit_secrets(params: &Value, key: &CommitmentKey) -> (Value, bool) {
+pub(crate) fn commit_secrets(params: &Value, key: &CommitmentKey) -> (Value, bool) {
     let mut committed = false;
     let v = walk(params, key, &mut committed);
     (v, committed)
@@ -61,7 +61,11 @@ pub fn commit_secrets(params: &Value, key: &CommitmentKey) -> (Value, bool) {
 
 /// [`commit_secrets`] that also commits `action`'s own secret params
 /// (`rpc::action_secret_paths`, e.g. `set_secret`'s `value`).
-pub fn commit_action_secrets(action: &str, params: &Value, key: &CommitmentKey) -> (Value, bool) {
+pub(crate) fn commit_action_secrets(
+    action: &str,
+    params: &Value,
+    key: &CommitmentKey,
+) -> (Value, bool) {
     let mut committed = false;
     let masked = crate::rpc::mask_action_secrets(action, params, &mut |v| {
         commit_one(v, key, &mut committed)

@@ -24,7 +24,7 @@ use crate::storage::audit::AuditEntry;
 use crate::storage::devices;
 
 /// Approvals pending at once from the local socket and tasks together.
-pub const MAX_PENDING_LOCAL: usize = 16;
+pub(crate) const MAX_PENDING_LOCAL: usize = 16;
 /// The internal origin of local approvals (shown as null).
 const LOCAL_ORIGIN: &str = "";
 

@@ -19,10 +19,10 @@
 //! requests when it authenticates; the device a `revoke_device` targets
 //! cannot decide it; revoking a device expires what it originated.
 
-pub mod commitment;
-pub mod error;
-pub mod local;
-pub mod notify;
+pub(crate) mod commitment;
+pub(crate) mod error;
+pub(crate) mod local;
+pub(crate) mod notify;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -46,14 +46,14 @@ use crate::storage::audit::{AuditEntry, AuditLog, jcs_digest};
 use crate::storage::{self, Db, devices};
 
 use commitment::{CommitmentKey, commit_action_secrets};
-pub use error::ApprovalError;
+pub(crate) use error::ApprovalError;
 
 /// Approvals pending at once per originating device (SPEC §8 Limits).
-pub const MAX_PENDING_PER_DEVICE: usize = 16;
+pub(crate) const MAX_PENDING_PER_DEVICE: usize = 16;
 /// Approvals pending at once in all.
-pub const MAX_PENDING: usize = 128;
+pub(crate) const MAX_PENDING: usize = 128;
 /// Pending `approval_request`s replayed to a session that authenticates.
-pub const MAX_REPLAY: usize = 32;
+pub(crate) const MAX_REPLAY: usize = 32;
 
 /// Proof that an approval for exactly these params was granted. Its fields
 /// are private and it has no public constructor.

@@ -12,14 +12,19 @@ use super::Approvals;
 use crate::scheduler::run::redact_url;
 
 /// Attempts in all (the first and three retries).
-pub const ATTEMPTS: u32 = 4;
+pub(crate) const ATTEMPTS: u32 = 4;
 /// Wait before the first retry; doubled each time.
-pub const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+pub(crate) const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 /// Each attempt's time limit.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The body posted for an approval.
-pub fn body(action: &str, approval_id: &str, summary: &str, include_summary: bool) -> String {
+pub(crate) fn body(
+    action: &str,
+    approval_id: &str,
+    summary: &str,
+    include_summary: bool,
+) -> String {
     if include_summary {
         format!("{action} {approval_id}\n{summary}")
     } else {
