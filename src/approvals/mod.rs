@@ -162,9 +162,7 @@ impl Pending {
     }
 
     fn request_frame(&self) -> String {
-        let mut v = self.request.clone();
-        v["type"] = json!("approval_request");
-        v.to_string()
+        frames::approval_request(&self.request)
     }
 }
 
@@ -541,10 +539,9 @@ impl Approvals {
             Ok(())
         };
         tracing::info!(approval = %p.approval_id, status, "approval decided");
-        self.deps().events.broadcast(
-            &json!({"type": "approval_result", "approval_id": p.approval_id, "status": status})
-                .to_string(),
-        );
+        self.deps()
+            .events
+            .broadcast(&frames::approval_result(&p.approval_id, status));
         recorded
     }
 

@@ -102,6 +102,19 @@ pub fn jsonrpc_invalid(id: &Value, message: &str) -> String {
         .to_string()
 }
 
+/// `{"type":"approval_request", ...request}`: `request` is the approval
+/// request object (SPEC §8), sent to every session.
+pub fn approval_request(request: &Value) -> String {
+    let mut v = request.clone();
+    v["type"] = json!("approval_request");
+    v.to_string()
+}
+
+/// `{"type":"approval_result","approval_id":..,"status":..}`.
+pub fn approval_result(approval_id: &str, status: &str) -> String {
+    json!({"type": "approval_result", "approval_id": approval_id, "status": status}).to_string()
+}
+
 pub fn event(name: &str, data: Value) -> String {
     json!({"type": "event", "event": name, "data": data}).to_string()
 }

@@ -9,8 +9,8 @@
 //!
 //! Task secrets are asked for through a [`Host`] handed to each run (by
 //! [`Scheduler::start`] for the runner, by the caller of
-//! [`Scheduler::trigger`]): the host holds the server, which holds the
-//! scheduler, so the scheduler never keeps one.
+//! [`Scheduler::trigger`]); the scheduler keeps none of its own, so it
+//! depends on no other service for longer than a run.
 
 pub mod error;
 pub mod executions;

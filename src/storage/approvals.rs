@@ -93,7 +93,6 @@ pub fn expire_pending_at_start(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::Db;
 
     fn decided(c: &Connection, id: &str) -> (String, Option<i64>, Option<String>) {
         c.query_row(
@@ -106,8 +105,7 @@ mod tests {
 
     #[test]
     fn pending_rows_are_decided_or_expired_at_start() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = Db::open(&dir.path().join("agent.db")).unwrap();
+        let (_dir, db) = crate::storage::temp_db();
         db.blocking(|c| {
             insert_pending(c, "apr_a", r#"{"approval_id":"apr_a"}"#, 1, 100)?;
             insert_pending(
