@@ -257,15 +257,14 @@ impl AppState {
         outcome: &str,
         approval_id: Option<&str>,
     ) -> AuditEntry {
-        AuditEntry {
-            ts_ms: self.clock.now_ms(),
-            device_id: device_id.map(String::from),
-            action: action.to_string(),
+        AuditEntry::new(
+            self.clock.now_ms(),
+            device_id,
+            action,
             params_digest,
-            outcome: outcome.to_string(),
-            approval_id: approval_id.map(String::from),
-            ..Default::default()
-        }
+            outcome,
+            approval_id,
+        )
     }
 }
 

@@ -75,6 +75,28 @@ pub struct AuditEntry {
     pub leases_ended: Option<Vec<String>>,
 }
 
+impl AuditEntry {
+    /// A record of the common shape (no secrets fields), stamped `ts_ms`.
+    pub fn new(
+        ts_ms: i64,
+        device_id: Option<&str>,
+        action: &str,
+        params_digest: Option<String>,
+        outcome: &str,
+        approval_id: Option<&str>,
+    ) -> AuditEntry {
+        AuditEntry {
+            ts_ms,
+            device_id: device_id.map(String::from),
+            action: action.to_string(),
+            params_digest,
+            outcome: outcome.to_string(),
+            approval_id: approval_id.map(String::from),
+            ..Default::default()
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
     #[error("audit log I/O on {path}: {source}")]
