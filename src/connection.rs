@@ -696,24 +696,38 @@ impl Session {
         tracing::info!(session = %self.handle.session_id, "session started");
         self.state.approvals.on_session_start(&self.handle);
         let mut ping = tokio::time::interval_at(Instant::now() + PING_EVERY, PING_EVERY);
+        // The silence timer is moved only when it fires (to the last
+        // frame's time plus the limit), not at every frame.
+        let mut last_frame = Instant::now();
         let silence = sleep(SILENCE_LIMIT);
         tokio::pin!(silence);
+        // Made once: a fresh wait per loop would register and deregister
+        // with the token at every frame.
+        let (handle, state) = (self.handle.clone(), self.state.clone());
+        let closed = handle.closed();
+        let shutdown = state.shutdown.cancelled();
+        tokio::pin!(closed, shutdown);
         loop {
             tokio::select! {
                 biased;
-                _ = self.handle.closed() => {
+                _ = &mut closed => {
                     let code = self.handle.close_code();
                     let reason = if code == close::REVOKED { "device revoked" } else { "closed by server" };
                     closer.close(code, reason);
                     break;
                 }
-                _ = self.state.shutdown.cancelled() => {
+                _ = &mut shutdown => {
                     let drain = async { while calls.next().await.is_some() {} };
                     let _ = timeout(DRAIN_ON_SHUTDOWN, drain).await;
                     closer.close(close::GOING_AWAY, "server shutting down");
                     break;
                 }
                 _ = &mut silence => {
+                    let deadline = last_frame + SILENCE_LIMIT;
+                    if deadline > Instant::now() {
+                        silence.as_mut().reset(deadline);
+                        continue;
+                    }
                     closer.close(close::POLICY, "no traffic for 60 s");
                     break;
                 }
@@ -722,7 +736,7 @@ impl Session {
                 }
                 Some(()) = calls.next(), if !calls.is_empty() => {}
                 msg = stream.next() => {
-                    silence.as_mut().reset(Instant::now() + SILENCE_LIMIT);
+                    last_frame = Instant::now();
                     match msg {
                         Some(Ok(Message::Text(t))) => {
                             if let Some(call) = self.on_text(t.as_str()).await {

@@ -57,6 +57,8 @@ struct OutboxShared {
     waiting_bytes: AtomicUsize,
     room: Notify,
     kill: CancellationToken,
+    /// Set with `kill`, read without its lock on every frame.
+    killed: std::sync::atomic::AtomicBool,
     close_code: AtomicU16,
 }
 
@@ -162,6 +164,7 @@ impl Outbox {
             waiting_bytes: AtomicUsize::new(0),
             room: Notify::new(),
             kill: CancellationToken::new(),
+            killed: std::sync::atomic::AtomicBool::new(false),
             close_code: AtomicU16::new(0),
         });
         (
@@ -281,11 +284,12 @@ impl Outbox {
             self.shared
                 .close_code
                 .compare_exchange(0, code, Ordering::SeqCst, Ordering::SeqCst);
+        self.shared.killed.store(true, Ordering::SeqCst);
         self.shared.kill.cancel();
     }
 
     pub fn is_closed(&self) -> bool {
-        self.shared.kill.is_cancelled()
+        self.shared.killed.load(Ordering::SeqCst)
     }
 
     pub fn closed(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
