@@ -115,10 +115,18 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> AuditError + '_ {
     }
 }
 
+/// Lower-case hex of `bytes` (the encoder behind every digest in the log:
+/// `hex::encode` goes char by char, and it ran twice per request).
+fn hex_lower(bytes: &[u8]) -> String {
+    let mut out = vec![0u8; bytes.len() * 2];
+    hex::encode_to_slice(bytes, &mut out).expect("twice the length");
+    String::from_utf8(out).expect("hex is ASCII")
+}
+
 /// hex SHA-256 of the JCS form of `v` (used for `params_digest` and approvals).
 pub fn jcs_digest(v: &Value) -> String {
     let canon = serde_jcs::to_string(v).unwrap_or_default();
-    hex::encode(Sha256::digest(canon.as_bytes()))
+    hex_lower(&Sha256::digest(canon.as_bytes()))
 }
 
 /// RFC 8785 text of an optional field's value.
@@ -132,7 +140,7 @@ fn record_hash(prev_hash: &str, record_without_hash: &Value) -> String {
     h.update(prev_hash.as_bytes());
     h.update(b"\n");
     h.update(canon.as_bytes());
-    hex::encode(h.finalize())
+    hex_lower(&h.finalize())
 }
 
 fn json_str(s: &str) -> String {
@@ -226,7 +234,7 @@ fn canonical_fields(
     h.update(prev.as_bytes());
     h.update(b"\n");
     h.update(s.as_bytes());
-    (s, hex::encode(h.finalize()))
+    (s, hex_lower(&h.finalize()))
 }
 
 /// How segments are cut and pruned (SPEC §8a v1.1; `[audit]` in config.toml).
