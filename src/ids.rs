@@ -20,7 +20,8 @@ pub fn approval_id() -> String {
 
 /// A fresh approval `challenge`: 32 random bytes, base64url without padding.
 pub fn challenge() -> String {
-    crate::auth::keys::b64(&random_bytes::<32>())
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(random_bytes::<32>())
 }
 
 /// A session's id: 32 lowercase hex characters (128 bits).

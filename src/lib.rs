@@ -41,6 +41,7 @@ pub mod ids;
 pub mod logging;
 pub mod memory;
 pub mod protocol;
+pub mod redact;
 pub mod rpc;
 pub mod scheduler;
 pub mod secrets;

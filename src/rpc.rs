@@ -17,6 +17,8 @@ use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
 use crate::protocol::{ApiError, ErrorCode};
+use crate::redact::redact_action_params;
+pub use crate::sessions::Caller;
 use crate::state::AppState;
 use crate::storage::audit::jcs_digest;
 
@@ -48,99 +50,7 @@ pub fn is_read_only(action: &str) -> bool {
 /// `params_digest` is then the JCS digest of `{"action": NAME, "params": PARAMS}`.
 pub const UNKNOWN_ACTION_RECORD: &str = "unknown_action";
 
-/// Who is calling: reaches every handler through `Extensions`.
-#[derive(Debug, Clone)]
-pub struct Caller {
-    pub session_id: Arc<str>,
-    pub device_id: Arc<str>,
-    /// The session's peer address (for `reveal_secret`: TLS or loopback only).
-    pub peer: Option<std::net::SocketAddr>,
-    /// The envelope `request_id`, or the JSON-RPC id rendered as a string.
-    pub request_id: Arc<str>,
-}
-
 pub type ActionResult = Result<Value, ApiError>;
-
-/// Keys whose values are secrets wherever they appear in params.
-pub const SECRET_KEYS: &[&str] = &["api_key", "password", "token", "secret"];
-
-/// Params that are secrets for one action only, named by their path from
-/// the params object (a key such as `value` is a secret in `set_secret`,
-/// not in `update_config`, where only `[notify] url` is).
-pub fn action_secret_paths(
-    action: &str,
-    params: &Map<String, Value>,
-) -> &'static [&'static [&'static str]] {
-    match action {
-        "set_secret" => &[&["value"]],
-        "update_config" if params.get("section").and_then(Value::as_str) == Some("notify") => {
-            &[&["value", "url"]]
-        }
-        _ => &[],
-    }
-}
-
-/// A copy of `params` with each of `action`'s own secret params
-/// ([`action_secret_paths`]) replaced by `mask(value)`.
-pub fn mask_action_secrets(
-    action: &str,
-    params: &Value,
-    mask: &mut dyn FnMut(&Value) -> Value,
-) -> Value {
-    let mut out = params.clone();
-    let empty = Map::new();
-    for path in action_secret_paths(action, params.as_object().unwrap_or(&empty)) {
-        let mut slot = Some(&mut out);
-        for k in path.iter() {
-            slot = slot.and_then(|v| v.get_mut(*k));
-        }
-        if let Some(v) = slot {
-            *v = mask(v);
-        }
-    }
-    out
-}
-
-/// [`redact_secrets`] and [`action_secret_paths`] masked: what the audit
-/// sees. One copy of the params is made.
-pub fn redact_action_params(action: &str, params: &Map<String, Value>) -> Value {
-    let mut out = Value::Object(redact_map(params));
-    for path in action_secret_paths(action, params) {
-        let mut slot = Some(&mut out);
-        for k in path.iter() {
-            slot = slot.and_then(|v| v.get_mut(*k));
-        }
-        if let Some(v) = slot.filter(|v| !v.is_null()) {
-            *v = Value::String("[redacted]".into());
-        }
-    }
-    out
-}
-
-/// A copy of `params` with every secret value replaced by `"[redacted]"`:
-/// what the audit's `params_digest` is computed over, so no secret (nor a
-/// commitment to one) reaches the audit log. Approval requests show secrets
-/// as per-approval commitments instead (`approvals::commitment`).
-pub fn redact_secrets(v: &Value) -> Value {
-    match v {
-        Value::Object(m) => Value::Object(redact_map(m)),
-        Value::Array(a) => Value::Array(a.iter().map(redact_secrets).collect()),
-        other => other.clone(),
-    }
-}
-
-fn redact_map(m: &Map<String, Value>) -> Map<String, Value> {
-    m.iter()
-        .map(|(k, v)| {
-            let v = if SECRET_KEYS.contains(&k.as_str()) && !v.is_null() {
-                Value::String("[redacted]".into())
-            } else {
-                redact_secrets(v)
-            };
-            (k.clone(), v)
-        })
-        .collect()
-}
 
 /// An action without params: any param is refused.
 #[derive(Debug, Default, Deserialize)]

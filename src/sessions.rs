@@ -315,6 +315,17 @@ impl Outbox {
     }
 }
 
+/// Who is calling: reaches every handler through `Extensions`.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub session_id: Arc<str>,
+    pub device_id: Arc<str>,
+    /// The session's peer address (for `reveal_secret`: TLS or loopback only).
+    pub peer: Option<std::net::SocketAddr>,
+    /// The envelope `request_id`, or the JSON-RPC id rendered as a string.
+    pub request_id: Arc<str>,
+}
+
 #[derive(Debug)]
 pub struct SessionHandle {
     pub session_id: Arc<str>,

@@ -10,7 +10,6 @@
 //! or devices are marked as such ([`Origin`]).
 
 use std::collections::{HashMap, VecDeque};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -19,37 +18,12 @@ use ed25519_dalek::Verifier;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Map, Value, json};
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::tungstenite::Message;
 
+pub use crate::endpoint::{ClientError, Endpoint};
 use crate::identity::{Identity, Pinned};
 use crate::proto;
 use crate::raw::{RawConn, Ws};
-
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    #[error("I/O: {0}")]
-    Io(#[from] std::io::Error),
-    #[error("WebSocket: {0}")]
-    Ws(#[from] tungstenite::Error),
-    #[error("protocol: {0}")]
-    Protocol(String),
-    #[error("the server refused the handshake: {code}: {message}")]
-    Refused {
-        code: String,
-        message: String,
-        close: Option<(u16, String)>,
-    },
-    #[error("the server's signature does not verify against the pinned server key")]
-    ServerSignature,
-    #[error("the server key {got} is not the pinned one {pinned}")]
-    ServerKeyMismatch { got: String, pinned: String },
-    #[error("connection closed: {0:?}")]
-    Closed(Option<(u16, String)>),
-    #[error("timed out")]
-    Timeout,
-    #[error("the approval does not match the request this phone sent ({0}); refusing to approve")]
-    Mismatch(String),
-}
 
 /// Where an approval request came from, as far as this session can tell.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,30 +123,6 @@ pub struct Connected {
     pub session_id: String,
     pub device_id: String,
     pub server_key: String,
-}
-
-/// Where to connect.
-#[derive(Debug, Clone)]
-pub struct Endpoint {
-    pub url: String,
-    /// CA certificate (PEM) for `wss://`.
-    pub ca: Option<PathBuf>,
-    /// Local address to connect from (tests of per-address limits).
-    pub from: Option<std::net::IpAddr>,
-    /// Pinned TLS key: hex SHA-256 of the certificate's SubjectPublicKeyInfo
-    /// (`tls_spki_sha256` from `secrets-agent pair --json`).
-    pub tls_pin: Option<String>,
-}
-
-impl Endpoint {
-    pub fn new(url: impl Into<String>) -> Endpoint {
-        Endpoint {
-            url: url.into(),
-            ca: None,
-            from: None,
-            tls_pin: None,
-        }
-    }
 }
 
 async fn read_challenge(conn: &mut RawConn) -> Result<(String, String, i64), ClientError> {

@@ -6,6 +6,7 @@
 
 pub mod bench;
 pub mod client;
+pub mod endpoint;
 pub mod identity;
 pub mod proto;
 pub mod raw;

@@ -12,7 +12,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
-use crate::client::ClientError;
+use crate::endpoint::{ClientError, Endpoint};
 
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
@@ -167,7 +167,7 @@ impl RawConn {
     }
 
     /// Connects to what `ep` names (CA or pinned key for `wss://`, source address).
-    pub async fn connect_endpoint(ep: &crate::client::Endpoint) -> Result<RawConn, ClientError> {
+    pub async fn connect_endpoint(ep: &Endpoint) -> Result<RawConn, ClientError> {
         Ok(RawConn {
             ws: connect_ws_pinned(&ep.url, ep.ca.as_deref(), ep.tls_pin.as_deref(), ep.from)
                 .await?,

@@ -19,7 +19,7 @@ use sha2::Sha256;
 
 use crate::auth::keys::b64;
 use crate::ids::random_bytes;
-use crate::rpc::SECRET_KEYS;
+use crate::redact::SECRET_KEYS;
 
 /// A per-approval commitment key. Never stored, logged or audited: it goes
 /// once into the requester's `approval_pending` event and is then dropped.
@@ -60,14 +60,14 @@ pub(crate) fn commit_secrets(params: &Value, key: &CommitmentKey) -> (Value, boo
 }
 
 /// [`commit_secrets`] that also commits `action`'s own secret params
-/// (`rpc::action_secret_paths`, e.g. `set_secret`'s `value`).
+/// (`redact::action_secret_paths`, e.g. `set_secret`'s `value`).
 pub(crate) fn commit_action_secrets(
     action: &str,
     params: &Value,
     key: &CommitmentKey,
 ) -> (Value, bool) {
     let mut committed = false;
-    let masked = crate::rpc::mask_action_secrets(action, params, &mut |v| {
+    let masked = crate::redact::mask_action_secrets(action, params, &mut |v| {
         commit_one(v, key, &mut committed)
     });
     let (v, more) = commit_secrets(&masked, key);

@@ -40,7 +40,7 @@ use crate::config::Config;
 use crate::protocol::ApiError;
 use crate::protocol::frames;
 use crate::protocol::inbound::{self, ApprovalDecision, ApprovalResponseFrame};
-use crate::rpc::Caller;
+use crate::sessions::Caller;
 use crate::sessions::{SessionHandle, Sessions};
 use crate::storage::audit::{AuditEntry, AuditLog, jcs_digest};
 use crate::storage::{self, Db, devices};

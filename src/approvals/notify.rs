@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::Approvals;
-use crate::scheduler::run::redact_url;
+use crate::redact::redact_url;
 
 /// Attempts in all (the first and three retries).
 pub(crate) const ATTEMPTS: u32 = 4;

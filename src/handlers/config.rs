@@ -9,7 +9,8 @@ use crate::approvals::{Approved, Prepared};
 use crate::config::Config;
 use crate::config_file::{merge_section, write_atomically};
 use crate::protocol::{ApiError, ErrorCode};
-use crate::rpc::{ActionResult, Caller, NoParams, SECRET_KEYS};
+use crate::redact::SECRET_KEYS;
+use crate::rpc::{ActionResult, Caller, NoParams};
 use crate::state::AppState;
 use crate::storage::audit::Retention;
 

@@ -15,6 +15,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use super::task::{Builtin, Handler, TaskDef};
 use super::{Scheduler, executions};
 use crate::config::Config;
+use crate::redact::redact_url;
 use crate::secrets::SecretValue;
 use crate::secrets::release::{Host, ReleaseRequest, Requester};
 
@@ -192,20 +193,6 @@ pub async fn run_process(
 pub fn describe_run(task: &TaskDef, execution_id: i64, started_at: i64, trigger: &str) -> Value {
     json!({"task_id": task.id, "task_name": task.name, "execution_id": execution_id,
            "started_at": crate::clock::rfc3339_ms(started_at), "trigger": trigger})
-}
-
-/// A URL as it may be shown: `scheme://host[:port]/path`, without user
-/// info, query or fragment (a webhook URL is a bearer capability). A URL
-/// that does not parse is shown as `[unparseable url]`.
-pub fn redact_url(url: &str) -> String {
-    let Ok(uri) = url.parse::<ureq::http::Uri>() else {
-        return "[unparseable url]".into();
-    };
-    let (Some(scheme), Some(host)) = (uri.scheme_str(), uri.host()) else {
-        return "[unparseable url]".into();
-    };
-    let port = uri.port_u16().map(|p| format!(":{p}")).unwrap_or_default();
-    format!("{scheme}://{host}{port}{}", uri.path())
 }
 
 /// `text` (e.g. an HTTP client's error) with `url` and its secret parts

@@ -50,7 +50,7 @@ impl std::fmt::Debug for Handler {
                 timeout_secs,
             } => f
                 .debug_struct("Webhook")
-                .field("url", &super::run::redact_url(url))
+                .field("url", &crate::redact::redact_url(url))
                 .field("method", method)
                 .field("timeout_secs", timeout_secs)
                 .finish(),
@@ -285,7 +285,7 @@ pub fn parse_task(t: &toml::Table) -> Result<TaskDef, String> {
                 if !(url.starts_with("http://") || url.starts_with("https://")) {
                     return Err("`url` must start with http:// or https://".into());
                 }
-                if super::run::redact_url(&url) == "[unparseable url]" {
+                if crate::redact::redact_url(&url) == "[unparseable url]" {
                     return Err("`url` is not a valid URL".into());
                 }
                 let method = string(t, "method")?
