@@ -584,6 +584,42 @@ mod tests {
         );
     }
 
+    /// A writer asleep in `recv` is woken by a frame pushed from another
+    /// task (even one that is itself polling another outbox's own task),
+    /// and `recv` ends once the last handle is dropped elsewhere. A lost
+    /// wake-up would leave the receiving task asleep past the timeout.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_sleeping_writer_is_woken_by_other_tasks_and_by_the_last_drop() {
+        let (outbox, mut rx) = Outbox::new();
+        let (other, _other_rx) = Outbox::new();
+        let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+        let writer = tokio::spawn(async move {
+            while let Some(o) = rx.recv().await {
+                rx.release(&o);
+                if let Outbound::Text(t) = o {
+                    let _ = seen_tx.send(t);
+                }
+            }
+        });
+        for i in 0..200 {
+            let o = outbox.clone();
+            let own = other.own_task();
+            tokio::spawn(async move { own.enter(|| o.push(format!("{i}"))) })
+                .await
+                .unwrap();
+            // Taken before the next push: each push woke the writer.
+            let got = tokio::time::timeout(Duration::from_secs(2), seen.recv())
+                .await
+                .unwrap_or_else(|_| panic!("frame {i} did not wake the writer"));
+            assert_eq!(got, Some(i.to_string()));
+        }
+        drop(outbox);
+        tokio::time::timeout(Duration::from_secs(2), writer)
+            .await
+            .expect("recv ends when the last handle is dropped")
+            .unwrap();
+    }
+
     #[test]
     fn connected_devices_counts_distinct_devices() {
         let s = Sessions::default();
