@@ -60,6 +60,19 @@ struct OutboxShared {
     /// Set with `kill`, read without its lock on every frame.
     killed: std::sync::atomic::AtomicBool,
     close_code: AtomicU16,
+    /// The writer is gone (set under the `frames` lock): nothing queued
+    /// from now on would ever be written.
+    writer_gone: std::sync::atomic::AtomicBool,
+}
+
+impl OutboxShared {
+    fn close(&self, code: u16) {
+        let _ = self
+            .close_code
+            .compare_exchange(0, code, Ordering::SeqCst, Ordering::SeqCst);
+        self.killed.store(true, Ordering::SeqCst);
+        self.kill.cancel();
+    }
 }
 
 thread_local! {
@@ -132,6 +145,26 @@ impl OutboxReceiver {
     }
 }
 
+impl Drop for OutboxReceiver {
+    /// The writer has ended, so its connection is closing: the frames it
+    /// did not write are freed now rather than when the last `Outbox`
+    /// handle goes (a call that outlived its session may hold one for
+    /// minutes), and the outbox is closed so that nothing more is kept
+    /// or waited for.
+    fn drop(&mut self) {
+        let s = &self.shared;
+        s.close(close::GOING_AWAY);
+        let left = {
+            let mut frames = s.frames.lock().unwrap_or_else(|p| p.into_inner());
+            s.writer_gone.store(true, Ordering::SeqCst);
+            std::mem::take(&mut *frames)
+        };
+        let bytes: usize = left.iter().map(Outbound::len).sum();
+        s.queued_bytes.fetch_sub(bytes, Ordering::SeqCst);
+        s.room.notify_waiters();
+    }
+}
+
 /// Marks the polls of a connection task's reader half (see
 /// [`Outbox::own_task`]).
 #[derive(Debug, Clone, Copy)]
@@ -166,6 +199,7 @@ impl Outbox {
             kill: CancellationToken::new(),
             killed: std::sync::atomic::AtomicBool::new(false),
             close_code: AtomicU16::new(0),
+            writer_gone: std::sync::atomic::AtomicBool::new(false),
         });
         (
             Outbox {
@@ -192,6 +226,12 @@ impl Outbox {
         }
         {
             let mut frames = s.frames.lock().unwrap_or_else(|p| p.into_inner());
+            if s.writer_gone.load(Ordering::SeqCst) {
+                // Nobody will write it: dropped, as on a closed socket.
+                drop(frames);
+                s.queued_bytes.fetch_sub(len, Ordering::SeqCst);
+                return Ok(());
+            }
             if frames.len() >= OUTBOX_CAPACITY {
                 drop(frames);
                 s.queued_bytes.fetch_sub(len, Ordering::SeqCst);
@@ -280,12 +320,7 @@ impl Outbox {
 
     /// Asks the connection to close with `code` (the first code wins).
     pub fn close(&self, code: u16) {
-        let _ =
-            self.shared
-                .close_code
-                .compare_exchange(0, code, Ordering::SeqCst, Ordering::SeqCst);
-        self.shared.killed.store(true, Ordering::SeqCst);
-        self.shared.kill.cancel();
+        self.shared.close(code);
     }
 
     pub fn is_closed(&self) -> bool {
@@ -515,6 +550,74 @@ mod tests {
         }
         slow.deliver(mb.clone()).await; // waits 30 s (paused clock), then closes
         assert!(slow.is_closed());
+    }
+
+    /// The writer ends (its connection is gone) while calls that outlived
+    /// the session still hold `Outbox` handles: what was queued is freed
+    /// at once, not kept until the last call ends (a gated call may wait
+    /// minutes for its approval), and later frames are neither kept nor
+    /// waited for.
+    #[tokio::test(start_paused = true)]
+    async fn a_gone_writer_frees_what_was_queued_and_keeps_nothing_after() {
+        let (outbox, rx) = Outbox::new();
+        let left_behind = outbox.clone();
+        let mb = "x".repeat(1024 * 1024);
+        for _ in 0..8 {
+            assert!(outbox.push(mb.clone()));
+        }
+        assert_eq!(outbox.queued_bytes(), OUTBOX_BYTES);
+        drop(outbox);
+        drop(rx);
+        assert_eq!(
+            (left_behind.queued_frames(), left_behind.queued_bytes()),
+            (0, 0),
+            "the queued frames are freed with the writer"
+        );
+        assert!(left_behind.is_closed());
+        let answered =
+            tokio::time::timeout(Duration::from_millis(100), left_behind.deliver(mb.clone())).await;
+        assert!(answered.is_ok(), "a late response does not wait for room");
+        assert!(!left_behind.push(mb));
+        assert_eq!(
+            (left_behind.queued_frames(), left_behind.queued_bytes()),
+            (0, 0)
+        );
+    }
+
+    /// A writer asleep in `recv` is woken by a frame pushed from another
+    /// task (even one that is itself polling another outbox's own task),
+    /// and `recv` ends once the last handle is dropped elsewhere. A lost
+    /// wake-up would leave the receiving task asleep past the timeout.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_sleeping_writer_is_woken_by_other_tasks_and_by_the_last_drop() {
+        let (outbox, mut rx) = Outbox::new();
+        let (other, _other_rx) = Outbox::new();
+        let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+        let writer = tokio::spawn(async move {
+            while let Some(o) = rx.recv().await {
+                rx.release(&o);
+                if let Outbound::Text(t) = o {
+                    let _ = seen_tx.send(t);
+                }
+            }
+        });
+        for i in 0..200 {
+            let o = outbox.clone();
+            let own = other.own_task();
+            tokio::spawn(async move { own.enter(|| o.push(format!("{i}"))) })
+                .await
+                .unwrap();
+            // Taken before the next push: each push woke the writer.
+            let got = tokio::time::timeout(Duration::from_secs(2), seen.recv())
+                .await
+                .unwrap_or_else(|_| panic!("frame {i} did not wake the writer"));
+            assert_eq!(got, Some(i.to_string()));
+        }
+        drop(outbox);
+        tokio::time::timeout(Duration::from_secs(2), writer)
+            .await
+            .expect("recv ends when the last handle is dropped")
+            .unwrap();
     }
 
     #[test]
