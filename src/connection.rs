@@ -742,12 +742,6 @@ impl Session {
                             if let Some(call) = self.on_text(t.as_str()).await {
                                 calls.push(call);
                             }
-                            // The writer runs in this task: let it write
-                            // before the queue grows long (a peer that sends
-                            // fast must not fill its own outbox).
-                            if self.outbox.queued_frames() >= YIELD_TO_WRITER {
-                                tokio::task::yield_now().await;
-                            }
                         }
                         Some(Ok(Message::Binary(_))) => {
                             self.send(frames::error(ErrorCode::InvalidRequest, "binary frames are not accepted: send JSON in text frames")).await;
@@ -760,6 +754,12 @@ impl Session {
                             break;
                         }
                         Some(Err(_)) => break,
+                    }
+                    // The writer runs in this task: let it write before the
+                    // queue grows long (a peer that sends fast, text or
+                    // binary, must not fill its own outbox).
+                    if self.outbox.queued_frames() >= YIELD_TO_WRITER {
+                        tokio::task::yield_now().await;
                     }
                 }
             }

@@ -333,3 +333,43 @@ async fn calls_left_behind_by_a_disconnect_are_decided_once() {
     assert_eq!(count("approval.expired", &ask2["approval_id"]), 1);
     assert_eq!(count("approval.approved", &ask2["approval_id"]), 0);
 }
+
+/// A peer that floods binary frames (each refused with an `error` frame)
+/// while it reads every reply: the session loop lets the writer run as the
+/// replies queue up, so the peer gets all of them and is not closed as a
+/// slow consumer (before, only text frames gave the writer its turn).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_binary_flood_that_reads_its_replies_is_not_closed() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    const N: usize = 5_000;
+    let s = TestServer::start_with_config("[server]\ndevice_request_burst = 0\n").await;
+    let (r, _) = s.raw_session("binary").await;
+    let (mut tx, mut rx) = r.ws.split();
+    let sender = tokio::spawn(async move {
+        for _ in 0..N {
+            tx.feed(Message::Binary(vec![0u8; 8].into())).await.unwrap();
+        }
+        tx.flush().await.unwrap();
+        tx
+    });
+    let mut errors = 0;
+    while errors < N {
+        let m = tokio::time::timeout(Duration::from_secs(30), rx.next())
+            .await
+            .expect("a reply within 30 s")
+            .expect("the session stays open")
+            .expect("no error: not closed as a slow consumer");
+        match m {
+            Message::Text(t) => {
+                let f: Value = serde_json::from_str(t.as_str()).unwrap();
+                assert_eq!(f["type"], "error", "{f}");
+                assert_eq!(f["code"], "invalid_request", "{f}");
+                errors += 1;
+            }
+            Message::Close(c) => panic!("closed after {errors} replies: {c:?}"),
+            _ => {}
+        }
+    }
+    let _ = sender.await.unwrap();
+}
