@@ -271,7 +271,8 @@ impl Registry {
             Err(e) => e.code.as_str(),
         };
         state
-            .audit(Some(&device), audited_action, Some(digest), outcome, None)
+            .auditor
+            .record(Some(&device), audited_action, Some(digest), outcome, None)
             .await;
         out
     }

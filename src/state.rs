@@ -21,7 +21,7 @@ use crate::protocol::ApiError;
 use crate::sessions::Sessions;
 use crate::skills::Skills;
 use crate::storage::Db;
-use crate::storage::audit::{AuditEntry, AuditLog, AuditSender, Retention};
+use crate::storage::audit::{AuditEntry, AuditLog, AuditSender, Auditor, Retention};
 
 /// The files of a data directory (SPEC §3).
 #[derive(Debug, Clone)]
@@ -66,6 +66,9 @@ pub struct AppState {
     /// Devices' `last_seen`, noted by the handshake and written in batches.
     pub last_seen: Arc<crate::auth::last_seen::LastSeen>,
     pub audit: Arc<AuditLog>,
+    /// The audit log with the clock: `auditor.record(...)` appends a record
+    /// stamped now.
+    pub auditor: Auditor,
     /// The approval gate; it owns its own handles (see `approvals::Deps`).
     pub approvals: Approvals,
     pub plugins: Arc<Plugins>,
@@ -176,6 +179,7 @@ impl AppState {
             sessions,
             limiter,
             last_seen: Arc::default(),
+            auditor: Auditor::new(audit.clone(), clock),
             audit,
             approvals,
             plugins,
@@ -215,56 +219,6 @@ impl AppState {
             .check_writable(self.clock.now_ms())
             .await
             .map_err(|_| crate::errors::audit_unavailable())
-    }
-
-    /// Like [`AppState::audit`], but waits until the record is on disk:
-    /// Err (`unavailable`) if it could not be written. Gated actions use it
-    /// for the record that lets them run, so nothing runs unrecorded.
-    pub async fn audit_durable(
-        &self,
-        device_id: Option<&str>,
-        action: &str,
-        params_digest: Option<String>,
-        outcome: &str,
-        approval_id: Option<&str>,
-    ) -> Result<(), ApiError> {
-        let entry = self.entry(device_id, action, params_digest, outcome, approval_id);
-        self.audit
-            .record_durable(entry)
-            .await
-            .map_err(|_| crate::errors::audit_unavailable())
-    }
-
-    /// Appends an audit record stamped now.
-    pub async fn audit(
-        &self,
-        device_id: Option<&str>,
-        action: &str,
-        params_digest: Option<String>,
-        outcome: &str,
-        approval_id: Option<&str>,
-    ) {
-        let entry = self.entry(device_id, action, params_digest, outcome, approval_id);
-        self.audit.record(entry).await;
-    }
-
-    /// An audit record stamped now.
-    fn entry(
-        &self,
-        device_id: Option<&str>,
-        action: &str,
-        params_digest: Option<String>,
-        outcome: &str,
-        approval_id: Option<&str>,
-    ) -> AuditEntry {
-        AuditEntry::new(
-            self.clock.now_ms(),
-            device_id,
-            action,
-            params_digest,
-            outcome,
-            approval_id,
-        )
     }
 }
 

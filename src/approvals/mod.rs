@@ -42,7 +42,7 @@ use crate::protocol::frames;
 use crate::protocol::inbound::{self, ApprovalDecision, ApprovalResponseFrame};
 use crate::sessions::Caller;
 use crate::sessions::{SessionHandle, Sessions};
-use crate::storage::audit::{AuditEntry, AuditLog, jcs_digest};
+use crate::storage::audit::{AuditLog, Auditor, jcs_digest};
 use crate::storage::{self, Db, devices};
 
 use commitment::{CommitmentKey, commit_action_secrets};
@@ -447,14 +447,15 @@ impl Approvals {
                 return Err(e.into());
             }
         };
-        self.record(
-            origin_device,
-            "approval.requested",
-            Some(pending.action_digest.clone()),
-            "pending",
-            Some(&pending.approval_id),
-        )
-        .await;
+        self.auditor()
+            .record(
+                origin_device,
+                "approval.requested",
+                Some(pending.action_digest.clone()),
+                "pending",
+                Some(&pending.approval_id),
+            )
+            .await;
         Ok(origin_revoked)
     }
 
@@ -531,10 +532,13 @@ impl Approvals {
         let action = format!("approval.{status}");
         let digest = Some(p.action_digest.clone());
         let recorded = if d == Decision::Approved {
-            self.record_durable(by, &action, digest, status, Some(&p.approval_id))
+            self.auditor()
+                .record_durable(by, &action, digest, status, Some(&p.approval_id))
                 .await
+                .map_err(|_| ApprovalError::AuditUnavailable)
         } else {
-            self.record(by, &action, digest, status, Some(&p.approval_id))
+            self.auditor()
+                .record(by, &action, digest, status, Some(&p.approval_id))
                 .await;
             Ok(())
         };
@@ -545,53 +549,9 @@ impl Approvals {
         recorded
     }
 
-    /// An audit record stamped now.
-    fn entry(
-        &self,
-        device_id: Option<&str>,
-        action: &str,
-        params_digest: Option<String>,
-        outcome: &str,
-        approval_id: Option<&str>,
-    ) -> AuditEntry {
-        AuditEntry::new(
-            self.now_ms(),
-            device_id,
-            action,
-            params_digest,
-            outcome,
-            approval_id,
-        )
-    }
-
-    /// Appends an audit record.
-    async fn record(
-        &self,
-        device_id: Option<&str>,
-        action: &str,
-        params_digest: Option<String>,
-        outcome: &str,
-        approval_id: Option<&str>,
-    ) {
-        let entry = self.entry(device_id, action, params_digest, outcome, approval_id);
-        self.deps().audit.record(entry).await;
-    }
-
-    /// Appends an audit record and waits until it is on disk.
-    async fn record_durable(
-        &self,
-        device_id: Option<&str>,
-        action: &str,
-        params_digest: Option<String>,
-        outcome: &str,
-        approval_id: Option<&str>,
-    ) -> Result<(), ApprovalError> {
-        let entry = self.entry(device_id, action, params_digest, outcome, approval_id);
-        self.deps()
-            .audit
-            .record_durable(entry)
-            .await
-            .map_err(|_| ApprovalError::AuditUnavailable)
+    /// The audit log, stamping records with this gate's clock.
+    fn auditor(&self) -> Auditor {
+        Auditor::new(self.deps().audit.clone(), self.deps().clock)
     }
 
     /// Handles an `approval_response` frame from `from`'s session; returns
@@ -653,25 +613,27 @@ impl Approvals {
             .ok()
             .flatten();
         let Some(device) = device.filter(|d| !d.revoked) else {
-            self.record(
-                Some(&from.device_id),
-                "approval.response",
-                None,
-                "forbidden",
-                Some(approval_id),
-            )
-            .await;
+            self.auditor()
+                .record(
+                    Some(&from.device_id),
+                    "approval.response",
+                    None,
+                    "forbidden",
+                    Some(approval_id),
+                )
+                .await;
             return Err(ApprovalError::UnknownDevice);
         };
         if pending.barred_decider.as_deref() == Some(device.device_id.as_str()) {
-            self.record(
-                Some(&device.device_id),
-                "approval.response",
-                None,
-                "forbidden",
-                Some(approval_id),
-            )
-            .await;
+            self.auditor()
+                .record(
+                    Some(&device.device_id),
+                    "approval.response",
+                    None,
+                    "forbidden",
+                    Some(approval_id),
+                )
+                .await;
             return Err(ApprovalError::BarredDecider);
         }
         let msg = signed_string(&[
@@ -738,14 +700,15 @@ impl Approvals {
             Err(()) => Err(()),
         };
         let Ok(counted) = counted else {
-            self.record(
-                Some(&device.device_id),
-                "approval.response",
-                None,
-                "bad_signature",
-                Some(approval_id),
-            )
-            .await;
+            self.auditor()
+                .record(
+                    Some(&device.device_id),
+                    "approval.response",
+                    None,
+                    "bad_signature",
+                    Some(approval_id),
+                )
+                .await;
             return Err(ApprovalError::BadSignature);
         };
         if !pending.decide(wanted, Some(device.device_id.clone())) {
@@ -814,14 +777,15 @@ impl Approvals {
                 .get("action_digest")
                 .and_then(Value::as_str)
                 .map(String::from);
-            self.record(
-                device,
-                "approval.expired",
-                digest,
-                "expired_on_restart",
-                Some(&id),
-            )
-            .await;
+            self.auditor()
+                .record(
+                    device,
+                    "approval.expired",
+                    digest,
+                    "expired_on_restart",
+                    Some(&id),
+                )
+                .await;
             tracing::info!(approval = %id, "approval pending at shutdown expired");
         }
     }

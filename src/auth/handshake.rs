@@ -188,7 +188,8 @@ pub async fn handle(
                 "handshake.auth"
             };
             state
-                .audit(Some(&ok.device_id), action, None, "ok", None)
+                .auditor
+                .record(Some(&ok.device_id), action, None, "ok", None)
                 .await;
             Ok(ok)
         }
@@ -243,13 +244,15 @@ pub async fn report_failures(state: &AppState) {
     for (peer, t) in &report.peers {
         let outcome = format!("{} failed from {peer}: {}", t.count, t.codes_text());
         state
-            .audit(None, "handshake.failures", None, &outcome, None)
+            .auditor
+            .record(None, "handshake.failures", None, &outcome, None)
             .await;
     }
     if report.other_failures > 0 {
         let outcome = format!("{} failed from other peers", report.other_failures);
         state
-            .audit(None, "handshake.failures", None, &outcome, None)
+            .auditor
+            .record(None, "handshake.failures", None, &outcome, None)
             .await;
     }
 }

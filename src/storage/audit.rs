@@ -1390,6 +1390,65 @@ impl AuditLog {
     }
 }
 
+/// The audit log with the clock that stamps its records: the one way the
+/// server and its services append a record of the common shape.
+#[derive(Clone)]
+pub struct Auditor {
+    log: Arc<AuditLog>,
+    clock: crate::clock::Clock,
+}
+
+impl Auditor {
+    pub fn new(log: Arc<AuditLog>, clock: crate::clock::Clock) -> Auditor {
+        Auditor { log, clock }
+    }
+
+    fn entry(
+        &self,
+        device_id: Option<&str>,
+        action: &str,
+        params_digest: Option<String>,
+        outcome: &str,
+        approval_id: Option<&str>,
+    ) -> AuditEntry {
+        AuditEntry::new(
+            self.clock.now_ms(),
+            device_id,
+            action,
+            params_digest,
+            outcome,
+            approval_id,
+        )
+    }
+
+    /// Appends a record stamped now (see [`AuditLog::record`]).
+    pub async fn record(
+        &self,
+        device_id: Option<&str>,
+        action: &str,
+        params_digest: Option<String>,
+        outcome: &str,
+        approval_id: Option<&str>,
+    ) {
+        let e = self.entry(device_id, action, params_digest, outcome, approval_id);
+        self.log.record(e).await;
+    }
+
+    /// Appends a record stamped now and waits until it is on disk (see
+    /// [`AuditLog::record_durable`]).
+    pub async fn record_durable(
+        &self,
+        device_id: Option<&str>,
+        action: &str,
+        params_digest: Option<String>,
+        outcome: &str,
+        approval_id: Option<&str>,
+    ) -> Result<(), AuditUnavailable> {
+        let e = self.entry(device_id, action, params_digest, outcome, approval_id);
+        self.log.record_durable(e).await
+    }
+}
+
 /// See [`AuditLog::sender`].
 #[derive(Clone)]
 pub struct AuditSender {
