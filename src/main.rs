@@ -413,6 +413,12 @@ fn audit_verify(dir: DataDir) -> Result<ExitCode> {
             for name in &r.ignored {
                 println!("ignored (not a segment): {name}");
             }
+            if r.incomplete_tail > 0 {
+                println!(
+                    "incomplete last line: {} bytes of a write cut short (never synced; the next append cuts it off)",
+                    r.incomplete_tail
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {

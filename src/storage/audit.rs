@@ -507,7 +507,25 @@ impl ChainWriter {
             .open(&path)
             .map_err(io_err(&path))?;
         let meta = file.metadata().map_err(io_err(&path))?;
-        let len = meta.len();
+        let mut len = meta.len();
+        let known = self
+            .view
+            .as_ref()
+            .is_some_and(|v| v.active == Some((meta.dev(), meta.ino(), len)));
+        if !known && let Some(cut) = incomplete_tail_at(&mut file, len).map_err(io_err(&path))? {
+            // A batch whose write was cut short (a crash mid-write): never
+            // synced nor acknowledged, and the chain cannot continue after
+            // half a line. Cut it off before anything is appended.
+            file.set_len(cut)
+                .and_then(|()| file.sync_data())
+                .map_err(io_err(&path))?;
+            tracing::warn!(
+                bytes = len - cut,
+                path = %path.display(),
+                "cut off an incomplete audit record left by an interrupted write"
+            );
+            len = cut;
+        }
         let id = (meta.dev(), meta.ino(), len);
         let mut view = match self.view.take() {
             Some(v) if v.active == Some(id) => v,
@@ -858,6 +876,34 @@ impl ChainWriter {
             .map_err(io_err(&path))?;
         Ok(())
     }
+}
+
+/// Where the last complete line of a segment of `len` bytes ends, if the
+/// segment does not end with a newline (else None): the length to cut it
+/// back to.
+fn incomplete_tail_at(file: &mut File, len: u64) -> std::io::Result<Option<u64>> {
+    if len == 0 {
+        return Ok(None);
+    }
+    let mut last = [0u8; 1];
+    file.seek(SeekFrom::Start(len - 1))?;
+    file.read_exact(&mut last)?;
+    if last[0] == b'\n' {
+        return Ok(None);
+    }
+    let mut end = len;
+    let mut buf = vec![0u8; 64 * 1024];
+    while end > 0 {
+        let start = end.saturating_sub(buf.len() as u64);
+        let chunk = &mut buf[..(end - start) as usize];
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(chunk)?;
+        if let Some(i) = chunk.iter().rposition(|b| *b == b'\n') {
+            return Ok(Some(start + i as u64 + 1));
+        }
+        end = start;
+    }
+    Ok(Some(0))
 }
 
 /// The lines of `entries` chained after (`seq`, `prev`): the text, and the
@@ -1481,6 +1527,11 @@ pub struct VerifyReport {
     pub pruned: Option<Anchor>,
     /// `*.jsonl` files in the directory that are not segments (not read).
     pub ignored: Vec<String>,
+    /// Bytes of an incomplete last line of the newest segment: a batch whose
+    /// write was cut short (the process was killed mid-write). It was never
+    /// synced or acknowledged, is not part of the chain, and the next append
+    /// cuts it off. Records the DB head names must still all be there.
+    pub incomplete_tail: u64,
 }
 
 /// A record as written, borrowed from its line (the fast path of `verify`).
@@ -1660,8 +1711,10 @@ pub fn verify(dir: &Path, db: &Db) -> Result<VerifyReport, String> {
     let mut prev = ZERO_HASH.to_string();
     let mut head_hash_seen: Option<String> = None;
     let mut anchor_stated = false;
+    let mut incomplete_tail = 0u64;
     let mut line = String::new();
-    for (seg, file) in snap.files.iter().map(|(s, f)| (s, f)) {
+    let newest = snap.files.len().saturating_sub(1);
+    for (i, (seg, file)) in snap.files.iter().map(|(s, f)| (s, f)).enumerate() {
         // Only the bytes there were when the snapshot was taken: a batch
         // being appended meanwhile is not read half-written.
         let file = Read::take(file, seg.bytes);
@@ -1676,6 +1729,12 @@ pub fn verify(dir: &Path, db: &Db) -> Result<VerifyReport, String> {
                 .read_line(&mut line)
                 .map_err(|e| format!("{}: unreadable: {e}", at()))?;
             if read == 0 {
+                break;
+            }
+            if i == newest && !line.ends_with('\n') {
+                // The end of the newest segment without its newline: a
+                // write cut short (see `VerifyReport::incomplete_tail`).
+                incomplete_tail = read as u64;
                 break;
             }
             let text = line.trim_end_matches(['\n', '\r']);
@@ -1797,6 +1856,7 @@ pub fn verify(dir: &Path, db: &Db) -> Result<VerifyReport, String> {
         last_seq: seq,
         pruned: anchor,
         ignored,
+        incomplete_tail,
     })
 }
 
@@ -1876,6 +1936,48 @@ mod tests {
         w.append(&[entry("c", None, None)]).unwrap();
         let r = verify(&d.path().join("audit"), &db).unwrap();
         assert_eq!(r.records, 3);
+    }
+
+    /// A crash mid-write leaves half a line at the end of the active
+    /// segment: `verify` reports it without failing (it was never synced),
+    /// the next append cuts it off, and the chain goes on whole. Half a
+    /// line anywhere else is still a broken log, and records the DB head
+    /// names cannot hide behind one.
+    #[test]
+    fn a_write_cut_short_is_reported_then_cut_off_by_the_next_append() {
+        use std::io::Write as _;
+        let d = tempfile::tempdir().unwrap();
+        let db = Db::open(&d.path().join("agent.db")).unwrap();
+        let dir = d.path().join("audit");
+        let mut w = ChainWriter::new(dir.clone(), db.clone());
+        w.append(&[entry("a", None, None), entry("b", None, None)])
+            .unwrap();
+        let active = dir.join(ACTIVE_SEGMENT);
+        let torn = r#"{"seq":3,"ts":"2025-11-24T16:00:00.123Z","device_id":null,"act"#;
+        let append_raw = |text: &str| {
+            let mut f = OpenOptions::new().append(true).open(&active).unwrap();
+            f.write_all(text.as_bytes()).unwrap();
+        };
+        append_raw(torn);
+        let r = verify(&dir, &db).unwrap();
+        assert_eq!((r.records, r.incomplete_tail), (2, torn.len() as u64));
+        // A new writer (a restarted server) cuts it off, then appends.
+        let mut w2 = ChainWriter::new(dir.clone(), db.clone());
+        w2.append(&[entry("c", None, None)]).unwrap();
+        let r = verify(&dir, &db).unwrap();
+        assert_eq!((r.records, r.last_seq, r.incomplete_tail), (3, 3, 0));
+        assert!(!fs::read_to_string(&active).unwrap().contains(torn));
+        // Half a line followed by more lines is not a cut-short write.
+        append_raw(&torn[..20]);
+        append_raw("\n");
+        assert!(verify(&dir, &db).is_err(), "a broken line inside the log");
+        // Cutting whole records off and leaving half a line behind still
+        // shows the loss: the DB head names seq 3.
+        let text = fs::read_to_string(&active).unwrap();
+        let first_two: String = text.split_inclusive('\n').take(2).collect();
+        fs::write(&active, format!("{first_two}{torn}")).unwrap();
+        let e = verify(&dir, &db).unwrap_err();
+        assert!(e.contains('3'), "{e}");
     }
 
     #[test]

@@ -480,10 +480,13 @@ pub fn audit_records(audit_dir: &Path) -> Vec<Value> {
     audit_segments(audit_dir)
         .iter()
         .flat_map(|p| {
+            // Whole lines only: a last line without its newline is a
+            // write cut short by a crash (`VerifyReport::incomplete_tail`).
             std::fs::read_to_string(p)
                 .unwrap_or_default()
-                .lines()
-                .map(|l| serde_json::from_str(l).unwrap())
+                .split_inclusive('\n')
+                .filter(|l| l.ends_with('\n') && !l.trim().is_empty())
+                .map(|l| serde_json::from_str(l.trim_end()).unwrap())
                 .collect::<Vec<Value>>()
         })
         .collect()
