@@ -16,6 +16,22 @@ use zeroize::Zeroizing;
 
 use crate::{DirArg, data_dir};
 
+/// What a release asks for, shared by `get` and `exec`.
+#[derive(clap::Args)]
+pub struct ReleaseArgs {
+    /// Why the value is needed (shown on the phone).
+    #[arg(long)]
+    reason: String,
+    /// Ask for a lease: the same requester gets these secrets again
+    /// without asking until it ends.
+    #[arg(long, default_value_t = 0)]
+    lease_secs: u64,
+    /// The requester key a lease is bound to [default: the executable
+    /// of the process that ran this command]; may not start with "task:".
+    #[arg(long)]
+    requester: Option<String>,
+}
+
 #[derive(Subcommand)]
 pub enum SecretCmd {
     /// Create or replace NAME with the value read from standard input (to
@@ -31,29 +47,16 @@ pub enum SecretCmd {
     /// Wait for the phone's approval, then write the value to stdout.
     Get {
         name: String,
-        /// Why the value is needed (shown on the phone).
-        #[arg(long)]
-        reason: String,
-        /// Ask for a lease: the same requester gets these secrets again
-        /// without asking until it ends.
-        #[arg(long, default_value_t = 0)]
-        lease_secs: u64,
-        /// The requester key a lease is bound to [default: the executable
-        /// of the process that ran this command]; may not start with "task:".
-        #[arg(long)]
-        requester: Option<String>,
+        #[command(flatten)]
+        release: ReleaseArgs,
         #[command(flatten)]
         dir: DirArg,
     },
     /// One approval for all the named secrets, then run CMD with them in
     /// its environment; exits with CMD's status.
     Exec {
-        #[arg(long)]
-        reason: String,
-        #[arg(long, default_value_t = 0)]
-        lease_secs: u64,
-        #[arg(long)]
-        requester: Option<String>,
+        #[command(flatten)]
+        release: ReleaseArgs,
         /// VAR=NAME: put secret NAME into CMD's environment as VAR.
         #[arg(long = "env", value_name = "VAR=NAME", required = true)]
         env: Vec<String>,
@@ -107,21 +110,13 @@ pub fn run(cmd: SecretCmd) -> Result<ExitCode> {
             description,
             dir,
         } => set(&dir, &name, description),
-        SecretCmd::Get {
-            name,
-            reason,
-            lease_secs,
-            requester,
-            dir,
-        } => get(&dir, &name, reason, lease_secs, requester),
+        SecretCmd::Get { name, release, dir } => get(&dir, &name, release),
         SecretCmd::Exec {
-            reason,
-            lease_secs,
-            requester,
+            release,
             env,
             dir,
             cmd,
-        } => exec(&dir, reason, lease_secs, requester, &env, &cmd),
+        } => exec(&dir, release, &env, &cmd),
         SecretCmd::List { dir } => list(&dir),
         SecretCmd::Rm { name, dir } => rm(&dir, &name),
     };
@@ -284,9 +279,11 @@ fn set(dir: &DirArg, name: &str, description: Option<String>) -> Result<(), Fail
 fn release(
     dir: &DirArg,
     names: &[String],
-    reason: String,
-    lease_secs: u64,
-    requester: Option<String>,
+    ReleaseArgs {
+        reason,
+        lease_secs,
+        requester,
+    }: ReleaseArgs,
 ) -> Result<serde_json::Map<String, Value>, Fail> {
     if requester.as_deref().is_some_and(|r| r.starts_with("task:")) {
         return Err(fail(EXIT_USAGE, "--requester may not start with \"task:\""));
@@ -301,15 +298,9 @@ fn release(
     }
 }
 
-fn get(
-    dir: &DirArg,
-    name: &str,
-    reason: String,
-    lease_secs: u64,
-    requester: Option<String>,
-) -> Result<(), Fail> {
+fn get(dir: &DirArg, name: &str, args: ReleaseArgs) -> Result<(), Fail> {
     check_name(name)?;
-    let mut values = release(dir, &[name.to_string()], reason, lease_secs, requester)?;
+    let mut values = release(dir, &[name.to_string()], args)?;
     let Some(Value::String(v)) = values.get_mut(name) else {
         return Err(fail(EXIT_OTHER, "the server did not send the value"));
     };
@@ -319,14 +310,7 @@ fn get(
     written.map_err(|e| fail(EXIT_OTHER, format!("cannot write to stdout: {e}")))
 }
 
-fn exec(
-    dir: &DirArg,
-    reason: String,
-    lease_secs: u64,
-    requester: Option<String>,
-    env: &[String],
-    cmd: &[String],
-) -> Result<(), Fail> {
+fn exec(dir: &DirArg, args: ReleaseArgs, env: &[String], cmd: &[String]) -> Result<(), Fail> {
     use std::os::unix::process::CommandExt;
     let mut pairs = Vec::new();
     for e in env {
@@ -348,7 +332,7 @@ fn exec(
     let mut names: Vec<String> = pairs.iter().map(|(_, n)| n.clone()).collect();
     names.sort();
     names.dedup();
-    let mut values = release(dir, &names, reason, lease_secs, requester)?;
+    let mut values = release(dir, &names, args)?;
     let (prog, args) = cmd
         .split_first()
         .ok_or_else(|| fail(EXIT_USAGE, "name a command after --"))?;
