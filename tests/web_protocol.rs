@@ -9,76 +9,11 @@ mod common;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use common::{TestServer, approval_text, recv_until, spawn_request};
+use mobile_client_sim::passkey::{
+    FLAG_UP as UP, FLAG_UV as UV, SoftPasskey as Passkey, client_data,
+};
 use mobile_client_sim::{ApprovalAlg, Identity, RawConn, proto};
-use p256::ecdsa::SigningKey;
-use p256::ecdsa::signature::Signer as _;
-use p256::pkcs8::EncodePublicKey as _;
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
-
-const UP: u8 = 0x01;
-const UV: u8 = 0x04;
-
-/// A software passkey: what a platform authenticator does, with every knob.
-struct Passkey {
-    key: SigningKey,
-    count: u32,
-    credential_id: Vec<u8>,
-}
-
-impl Passkey {
-    fn new() -> Passkey {
-        Passkey {
-            key: SigningKey::random(&mut rand::rngs::OsRng),
-            count: 0,
-            credential_id: b"credential-1".to_vec(),
-        }
-    }
-    fn spki_b64(&self) -> String {
-        URL_SAFE_NO_PAD.encode(
-            self.key
-                .verifying_key()
-                .to_public_key_der()
-                .unwrap()
-                .as_bytes(),
-        )
-    }
-    fn raw(&self, client_data: &Value, rp: &str, flags: u8, count: u32) -> Value {
-        let mut ad = Sha256::digest(rp.as_bytes()).to_vec();
-        ad.push(flags);
-        ad.extend_from_slice(&count.to_be_bytes());
-        let cdj = serde_json::to_vec(client_data).unwrap();
-        let mut msg = ad.clone();
-        msg.extend_from_slice(&Sha256::digest(&cdj));
-        let sig: p256::ecdsa::Signature = self.key.sign(&msg);
-        json!({"authenticator_data": URL_SAFE_NO_PAD.encode(&ad),
-               "client_data_json": URL_SAFE_NO_PAD.encode(&cdj),
-               "signature": URL_SAFE_NO_PAD.encode(sig.to_der().as_bytes())})
-    }
-    /// A browser-shaped assertion for `signed` made on `origin`.
-    fn sign(&mut self, origin: &str, signed: &str) -> Value {
-        self.count += 1;
-        let rp = origin
-            .split("://")
-            .nth(1)
-            .unwrap()
-            .split(':')
-            .next()
-            .unwrap()
-            .to_string();
-        self.raw(
-            &client_data("webauthn.get", signed, origin),
-            &rp,
-            UP | UV,
-            self.count,
-        )
-    }
-}
-
-fn client_data(ty: &str, signed: &str, origin: &str) -> Value {
-    json!({"type": ty, "challenge": URL_SAFE_NO_PAD.encode(Sha256::digest(signed.as_bytes())),
-           "origin": origin, "crossOrigin": false})
-}
 
 fn origin(s: &TestServer) -> String {
     s.handle().state.web_origin.clone()
@@ -146,7 +81,7 @@ async fn pair(
         "approval_key_alg": "webauthn-es256",
         "webauthn_credential_id": URL_SAFE_NO_PAD.encode(&pk.credential_id),
         "client_nonce": cn, "signature": id.sign_device(&msg),
-        "approval_signature": pk.sign(assertion_origin, &msg)});
+        "approval_signature": pk.assert(assertion_origin, msg.as_bytes())});
     tamper(&mut frame);
     r.send_json(&frame).await.unwrap();
     let answer = r.recv_frame().await.unwrap();
@@ -224,7 +159,7 @@ async fn a_passkey_pairs_and_approves_with_schema_valid_frames() {
         json!({"section": "approvals", "value": {"timeout_secs": 90}}),
     );
     let req = next_request(&mut r).await;
-    let sig = pk.sign(&origin(&s), &approval_text(&req, "approve"));
+    let sig = pk.assert(&origin(&s), approval_text(&req, "approve").as_bytes());
     let frame = json!({"type": "approval_response", "approval_id": req["approval_id"],
         "device_id": id.device_id(), "decision": "approve", "signature": sig});
     assert_valid(&schema("frames/approval_response.json"), &frame);
@@ -262,12 +197,12 @@ async fn each_webauthn_rule_refuses_and_changes_nothing() {
     let dev = id.device_id();
     let before = sign_count(&s, &dev);
     let n = pk.count + 1;
-    let good_cd = client_data("webauthn.get", &text, &o);
+    let good_cd = client_data("webauthn.get", text.as_bytes(), &o);
     let cases = [
         (
             "webauthn.create",
-            pk.raw(
-                &client_data("webauthn.create", &text, &o),
+            pk.assert_with(
+                &client_data("webauthn.create", text.as_bytes(), &o),
                 "localhost",
                 UP | UV,
                 n,
@@ -275,8 +210,8 @@ async fn each_webauthn_rule_refuses_and_changes_nothing() {
         ),
         (
             "another challenge",
-            pk.raw(
-                &client_data("webauthn.get", "other bytes", &o),
+            pk.assert_with(
+                &client_data("webauthn.get", b"other bytes", &o),
                 "localhost",
                 UP | UV,
                 n,
@@ -284,19 +219,22 @@ async fn each_webauthn_rule_refuses_and_changes_nothing() {
         ),
         (
             "an allowed_origins origin",
-            pk.raw(
-                &client_data("webauthn.get", &text, "http://localhost:1"),
+            pk.assert_with(
+                &client_data("webauthn.get", text.as_bytes(), "http://localhost:1"),
                 "localhost",
                 UP | UV,
                 n,
             ),
         ),
-        ("another rp id", pk.raw(&good_cd, "example.com", UP | UV, n)),
-        ("UV clear", pk.raw(&good_cd, "localhost", UP, n)),
-        ("UP clear", pk.raw(&good_cd, "localhost", UV, n)),
+        (
+            "another rp id",
+            pk.assert_with(&good_cd, "example.com", UP | UV, n),
+        ),
+        ("UV clear", pk.assert_with(&good_cd, "localhost", UP, n)),
+        ("UP clear", pk.assert_with(&good_cd, "localhost", UV, n)),
         (
             "crossOrigin true",
-            pk.raw(
+            pk.assert_with(
                 &{
                     let mut c = good_cd.clone();
                     c["crossOrigin"] = json!(true);
@@ -309,11 +247,11 @@ async fn each_webauthn_rule_refuses_and_changes_nothing() {
         ),
         (
             "the stored signCount again",
-            pk.raw(&good_cd, "localhost", UP | UV, before as u32),
+            pk.assert_with(&good_cd, "localhost", UP | UV, before as u32),
         ),
         (
             "another key",
-            Passkey::new().raw(&good_cd, "localhost", UP | UV, n),
+            Passkey::new().assert_with(&good_cd, "localhost", UP | UV, n),
         ),
     ];
     for (what, sig) in cases {
@@ -329,7 +267,7 @@ async fn each_webauthn_rule_refuses_and_changes_nothing() {
         );
     }
     // Wrong shapes: invalid_request.
-    let mut missing = pk.raw(&good_cd, "localhost", UP | UV, n);
+    let mut missing = pk.assert_with(&good_cd, "localhost", UP | UV, n);
     missing.as_object_mut().unwrap().remove("client_data_json");
     assert_eq!(
         respond(&mut r, &dev, &req, "approve", missing).await,
@@ -350,13 +288,13 @@ async fn each_webauthn_rule_refuses_and_changes_nothing() {
             &dev,
             &req,
             "approve",
-            pk.raw(&good_cd, "localhost", UP | UV, 0)
+            pk.assert_with(&good_cd, "localhost", UP | UV, 0)
         )
         .await,
         "bad_signature"
     );
     // The real thing still decides it.
-    let sig = pk.sign(&o, &text);
+    let sig = pk.assert(&o, text.as_bytes());
     assert_eq!(respond(&mut r, &dev, &req, "approve", sig).await, "decided");
     assert_eq!(wait.await.unwrap()["result"], "success");
 }

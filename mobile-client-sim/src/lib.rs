@@ -8,6 +8,7 @@ pub mod bench;
 pub mod client;
 pub mod endpoint;
 pub mod identity;
+pub mod passkey;
 pub mod proto;
 pub mod raw;
 

@@ -174,68 +174,12 @@ pub fn verify(spki: &[u8], a: &Assertion, web_origin: &str, signed: &[u8]) -> Re
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use p256::ecdsa::SigningKey;
-    use p256::ecdsa::signature::Signer as _;
-    use p256::pkcs8::EncodePublicKey as _;
     use serde_json::json;
 
     pub(crate) const ORIGIN: &str = "http://localhost:7420";
 
-    /// A software authenticator, enough to make assertions as a browser would.
-    pub(crate) struct Soft {
-        pub key: SigningKey,
-        pub count: u32,
-    }
-
-    impl Soft {
-        pub(crate) fn new() -> Soft {
-            Soft {
-                key: SigningKey::random(&mut rand::rngs::OsRng),
-                count: 0,
-            }
-        }
-        pub(crate) fn spki(&self) -> Vec<u8> {
-            self.key
-                .verifying_key()
-                .to_public_key_der()
-                .unwrap()
-                .as_bytes()
-                .to_vec()
-        }
-        /// An assertion with every knob: client data, rp id, flags, count.
-        pub(crate) fn assert_with(
-            &mut self,
-            client_data: &Value,
-            rp: &str,
-            flags: u8,
-            count: u32,
-        ) -> Value {
-            let mut ad = Sha256::digest(rp.as_bytes()).to_vec();
-            ad.push(flags);
-            ad.extend_from_slice(&count.to_be_bytes());
-            let cdj = serde_json::to_vec(client_data).unwrap();
-            let mut msg = ad.clone();
-            msg.extend_from_slice(&Sha256::digest(&cdj));
-            let sig: p256::ecdsa::Signature = self.key.sign(&msg);
-            json!({
-                "authenticator_data": URL_SAFE_NO_PAD.encode(&ad),
-                "client_data_json": URL_SAFE_NO_PAD.encode(&cdj),
-                "signature": URL_SAFE_NO_PAD.encode(sig.to_der().as_bytes()),
-            })
-        }
-        /// What a browser on `origin` sends for `signed`.
-        pub(crate) fn assert(&mut self, origin: &str, signed: &[u8]) -> Value {
-            self.count += 1;
-            let cd = client_data("webauthn.get", signed, origin);
-            let rp = rp_id(origin).unwrap().to_string();
-            self.assert_with(&cd, &rp, FLAG_UP | FLAG_UV, self.count)
-        }
-    }
-
-    pub(crate) fn client_data(ty: &str, signed: &[u8], origin: &str) -> Value {
-        json!({"type": ty, "challenge": URL_SAFE_NO_PAD.encode(Sha256::digest(signed)),
-               "origin": origin, "crossOrigin": false})
-    }
+    /// The simulator's software passkey (`mobile_client_sim::passkey`).
+    use mobile_client_sim::passkey::{SoftPasskey as Soft, client_data};
 
     fn check(soft: &Soft, v: &Value, signed: &[u8]) -> Result<u32, Failed> {
         verify(&soft.spki(), &Assertion::parse(v).unwrap(), ORIGIN, signed)
@@ -253,7 +197,7 @@ pub(crate) mod tests {
     #[test]
     fn every_claim_is_checked() {
         let signed = b"the signed bytes";
-        let mut s = Soft::new();
+        let s = Soft::new();
         let good = client_data("webauthn.get", signed, ORIGIN);
         let uv = FLAG_UP | FLAG_UV;
         let cases: Vec<(&str, Value)> = vec![
