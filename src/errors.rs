@@ -63,7 +63,7 @@ impl From<ApprovalError> for ApiError {
             | A::AssertionExpected
             | A::BytesExpected => ErrorCode::InvalidRequest,
             A::NotPending | A::TooLate | A::AlreadyDecided => ErrorCode::NotFound,
-            A::UnknownDevice | A::BarredDecider => ErrorCode::Forbidden,
+            A::UnknownDevice | A::BarredDecider | A::OtherSession => ErrorCode::Forbidden,
             A::BadSignature => ErrorCode::BadSignature,
         };
         ApiError::new(code, e.to_string())
@@ -180,6 +180,12 @@ mod tests {
                 A::BarredDecider,
                 "forbidden",
                 "the device this approval would revoke cannot decide it",
+                None,
+            ),
+            (
+                A::OtherSession,
+                "forbidden",
+                "only the session that asked may approve this request (it returns a secret to that session); any device may deny it",
                 None,
             ),
             (

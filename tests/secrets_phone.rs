@@ -173,3 +173,49 @@ async fn reveal_is_forbidden_off_loopback_without_tls() {
     );
     h.shutdown().await;
 }
+
+/// A copy of a device's session key (not its approval key) asks for
+/// `reveal_secret` from another connection as the same device: the owner's
+/// phone sees a request from its own device id, but its approval is
+/// refused (`forbidden`), because the value would go to the session that
+/// asked. The request stays pending; the phone's deny ends it, and the
+/// copy never receives the value. The value leaves only to the session
+/// that both asked and approved.
+#[tokio::test]
+async fn a_copied_session_cannot_have_the_phone_approve_a_reveal_for_it() {
+    let s = TestServer::start().await;
+    let (phone, pid) = s.phone("owner").await;
+    s.set_secret("GITHUB_TOKEN", "ghp_not_for_the_copy").await;
+    let (copy, _) = s.connect(&pid).await;
+    let copy = Arc::new(copy);
+    let reveal = spawn_request(&copy, "reveal_secret", json!({"name": "GITHUB_TOKEN"}));
+    let req = next_approval_request(&phone).await;
+    assert_eq!(req["origin_device_id"], pid.device_id().as_str());
+    phone.answer_approval(&pid, &req, "approve").await.unwrap();
+    let err = phone
+        .wait_event(std::time::Duration::from_secs(10), |f| f["type"] == "error")
+        .await
+        .unwrap();
+    assert_eq!(
+        (err["code"].as_str(), err["approval_id"].as_str()),
+        (Some("forbidden"), req["approval_id"].as_str())
+    );
+    // Still pending; the phone may deny it.
+    let listed = phone.request("list_approvals", json!({})).await.unwrap();
+    assert_eq!(listed["approvals"].as_array().unwrap().len(), 1, "{listed}");
+    phone.answer_approval(&pid, &req, "deny").await.unwrap();
+    let answer = reveal.await.unwrap();
+    assert_error(&answer, "approval_denied");
+    assert!(!answer.to_string().contains("ghp_not_for_the_copy"));
+    let log = audit_now(&s).await;
+    assert!(!log.iter().any(|r| r["action"] == "secret.revealed"));
+    assert!(
+        log.iter()
+            .any(|r| r["action"] == "approval.response" && r["outcome"] == "forbidden")
+    );
+    // The session that asks and approves gets it.
+    let phone = Arc::new(phone);
+    let mine = spawn_request(&phone, "reveal_secret", json!({"name": "GITHUB_TOKEN"}));
+    answer_next(&phone, &pid, "approve").await;
+    assert_eq!(mine.await.unwrap()["value"], "ghp_not_for_the_copy");
+}

@@ -52,6 +52,11 @@ pub enum ApprovalError {
     /// The target of a `revoke_device` answered it.
     #[error("the device this approval would revoke cannot decide it")]
     BarredDecider,
+    /// Another session approved what only its requester may approve.
+    #[error(
+        "only the session that asked may approve this request (it returns a secret to that session); any device may deny it"
+    )]
+    OtherSession,
     #[error("this device's approval key is a passkey: signature is a WebAuthn assertion object")]
     AssertionExpected,
     #[error("this device's approval key is not a passkey: signature is base64url bytes")]

@@ -48,7 +48,7 @@ impl Approvals {
         // K goes to no one: the commitment only tells different values apart.
         let (params, _) = commit_action_secrets(action, &params, &CommitmentKey::generate());
         let (pending, request) =
-            self.new_pending(action, params, &summary, None, LOCAL_ORIGIN, None);
+            self.new_pending(action, params, &summary, None, LOCAL_ORIGIN, None, None);
         let now = self.now_ms();
         {
             let g = self.lock();

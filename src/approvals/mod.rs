@@ -89,6 +89,19 @@ impl<P> Prepared<P> {
         GateRequest {
             prepared: self,
             barred_decider: Some(device_id.into()),
+            requester_only: false,
+        }
+    }
+
+    /// Only the session that asked may approve (any device may deny): for
+    /// an action whose result is the secret itself (`reveal_secret`), so a
+    /// copy of a device's session key cannot have the owner's phone approve
+    /// a request whose answer goes to the copy.
+    pub fn approved_only_by_requester(self) -> GateRequest<P> {
+        GateRequest {
+            prepared: self,
+            barred_decider: None,
+            requester_only: true,
         }
     }
 }
@@ -98,6 +111,7 @@ impl<P> Prepared<P> {
 pub struct GateRequest<P> {
     prepared: Prepared<P>,
     barred_decider: Option<String>,
+    requester_only: bool,
 }
 
 impl<P> From<Prepared<P>> for GateRequest<P> {
@@ -105,6 +119,7 @@ impl<P> From<Prepared<P>> for GateRequest<P> {
         GateRequest {
             prepared,
             barred_decider: None,
+            requester_only: false,
         }
     }
 }
@@ -133,6 +148,9 @@ struct Pending {
     origin_device_id: String,
     /// A device whose answer is `forbidden` (the target of `revoke_device`).
     barred_decider: Option<String>,
+    /// The only session that may approve (see
+    /// [`Prepared::approved_only_by_requester`]).
+    approver_session: Option<Arc<str>>,
     action_digest: String,
     challenge: String,
     expires_at: i64,
@@ -317,6 +335,7 @@ impl Approvals {
         let GateRequest {
             prepared: Prepared { params, summary },
             barred_decider,
+            requester_only,
         } = request;
         // Secret values are shown as commitments under a key only the
         // requester gets; the key is never stored, and its only copy moves
@@ -333,6 +352,7 @@ impl Approvals {
             Some(&caller.request_id),
             &caller.device_id,
             barred_decider,
+            requester_only.then(|| caller.session_id.clone()),
         );
         // The caps are checked and the slot taken under one lock, before
         // anything is stored or sent.
@@ -376,6 +396,7 @@ impl Approvals {
         request_id: Option<&str>,
         origin: &str,
         barred_decider: Option<String>,
+        approver_session: Option<Arc<str>>,
     ) -> (Arc<Pending>, Value) {
         let action_digest = jcs_digest(&json!({"action": action, "params": params}));
         let approval_id = crate::ids::approval_id();
@@ -398,6 +419,7 @@ impl Approvals {
             seq: self.shared.next_seq.fetch_add(1, Ordering::Relaxed),
             origin_device_id: origin.to_string(),
             barred_decider,
+            approver_session,
             action_digest,
             challenge,
             expires_at,
@@ -635,6 +657,23 @@ impl Approvals {
                 )
                 .await;
             return Err(ApprovalError::BarredDecider);
+        }
+        if wanted == Decision::Approved
+            && pending
+                .approver_session
+                .as_deref()
+                .is_some_and(|s| s != &*from.session_id)
+        {
+            self.auditor()
+                .record(
+                    Some(&device.device_id),
+                    "approval.response",
+                    None,
+                    "forbidden",
+                    Some(approval_id),
+                )
+                .await;
+            return Err(ApprovalError::OtherSession);
         }
         let msg = signed_string(&[
             APPROVAL_LABEL,

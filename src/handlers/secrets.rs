@@ -8,7 +8,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::approvals::{Approved, Prepared};
+use crate::approvals::{Approved, GateRequest, Prepared};
 use crate::protocol::{ApiError, ErrorCode};
 use crate::rpc::{ActionResult, Caller, NoParams};
 use crate::secrets::release::{Granted, Host, SecretAudit};
@@ -111,7 +111,7 @@ pub async fn prepare_reveal(
     state: Arc<AppState>,
     caller: Caller,
     p: SecretName,
-) -> Result<Prepared<SecretName>, ApiError> {
+) -> Result<GateRequest<SecretName>, ApiError> {
     let tls = state.config().server.tls_cert.is_some();
     let loopback = caller.peer.is_some_and(|a| a.ip().is_loopback());
     if !tls && !loopback {
@@ -121,8 +121,11 @@ pub async fn prepare_reveal(
         ));
     }
     existing(&state, &p.name).await?;
-    let summary = format!("Reveal secret {} on the phone", p.name);
-    Ok(Prepared { params: p, summary })
+    let summary = format!(
+        "Reveal secret {} to the session that asked (only it can approve)",
+        p.name
+    );
+    Ok(Prepared { params: p, summary }.approved_only_by_requester())
 }
 
 pub async fn reveal_secret(state: Arc<AppState>, approved: Approved<SecretName>) -> ActionResult {
