@@ -17,7 +17,7 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use super::commitment::{CommitmentKey, commit_action_secrets};
-use super::{ApprovalError, Approvals, wait_until};
+use super::{ApprovalError, Approvals, DecisionRule, wait_until};
 use crate::protocol::ApiError;
 use crate::secrets::release::{BoxFuture, Granted, Host, PendingNotice, SecretAudit};
 use crate::storage::audit::AuditEntry;
@@ -47,8 +47,14 @@ impl Approvals {
     ) -> Result<Granted, ApprovalError> {
         // K goes to no one: the commitment only tells different values apart.
         let (params, _) = commit_action_secrets(action, &params, &CommitmentKey::generate());
-        let (pending, request) =
-            self.new_pending(action, params, &summary, None, LOCAL_ORIGIN, None, None);
+        let (pending, request) = self.new_pending(
+            action,
+            params,
+            &summary,
+            None,
+            LOCAL_ORIGIN,
+            DecisionRule::default(),
+        );
         let now = self.now_ms();
         {
             let g = self.lock();

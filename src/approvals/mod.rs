@@ -106,6 +106,17 @@ impl<P> Prepared<P> {
     }
 }
 
+/// Who may decide a pending approval, beyond "any paired, non-revoked
+/// device with a valid signature".
+#[derive(Debug, Default)]
+struct DecisionRule {
+    /// This device may not decide (the target of a `revoke_device`).
+    barred_decider: Option<String>,
+    /// Only this session may approve (see
+    /// [`Prepared::approved_only_by_requester`]); anyone may deny.
+    approver_session: Option<Arc<str>>,
+}
+
 /// A prepared action and who may not decide it: what `register_gated`
 /// takes from `prepare` (a plain [`Prepared`] converts into it).
 pub struct GateRequest<P> {
@@ -147,10 +158,8 @@ struct Pending {
     seq: u64,
     origin_device_id: String,
     /// A device whose answer is `forbidden` (the target of `revoke_device`).
-    barred_decider: Option<String>,
-    /// The only session that may approve (see
-    /// [`Prepared::approved_only_by_requester`]).
-    approver_session: Option<Arc<str>>,
+    /// Who may not decide, or approve, beyond any paired device.
+    rule: DecisionRule,
     action_digest: String,
     challenge: String,
     expires_at: i64,
@@ -351,8 +360,10 @@ impl Approvals {
             &summary,
             Some(&caller.request_id),
             &caller.device_id,
-            barred_decider,
-            requester_only.then(|| caller.session_id.clone()),
+            DecisionRule {
+                barred_decider,
+                approver_session: requester_only.then(|| caller.session_id.clone()),
+            },
         );
         // The caps are checked and the slot taken under one lock, before
         // anything is stored or sent.
@@ -395,8 +406,7 @@ impl Approvals {
         summary: &str,
         request_id: Option<&str>,
         origin: &str,
-        barred_decider: Option<String>,
-        approver_session: Option<Arc<str>>,
+        rule: DecisionRule,
     ) -> (Arc<Pending>, Value) {
         let action_digest = jcs_digest(&json!({"action": action, "params": params}));
         let approval_id = crate::ids::approval_id();
@@ -418,8 +428,7 @@ impl Approvals {
             approval_id,
             seq: self.shared.next_seq.fetch_add(1, Ordering::Relaxed),
             origin_device_id: origin.to_string(),
-            barred_decider,
-            approver_session,
+            rule,
             action_digest,
             challenge,
             expires_at,
@@ -646,7 +655,7 @@ impl Approvals {
                 .await;
             return Err(ApprovalError::UnknownDevice);
         };
-        if pending.barred_decider.as_deref() == Some(device.device_id.as_str()) {
+        if pending.rule.barred_decider.as_deref() == Some(device.device_id.as_str()) {
             self.auditor()
                 .record(
                     Some(&device.device_id),
@@ -660,6 +669,7 @@ impl Approvals {
         }
         if wanted == Decision::Approved
             && pending
+                .rule
                 .approver_session
                 .as_deref()
                 .is_some_and(|s| s != &*from.session_id)
