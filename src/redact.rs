@@ -87,6 +87,17 @@ fn redact_map(m: &Map<String, Value>) -> Map<String, Value> {
         .collect()
 }
 
+/// Where a URL points, as the owner may see it: `scheme://host[:port]`,
+/// without user info, path, query or fragment (the parts that may be a
+/// bearer capability). `[unparseable url]` when it does not parse.
+pub fn url_origin(url: &str) -> String {
+    let shown = redact_url(url);
+    match shown.split_once("://") {
+        Some((scheme, rest)) => format!("{scheme}://{}", rest.split('/').next().unwrap_or("")),
+        None => shown,
+    }
+}
+
 /// A URL as it may be shown: `scheme://host[:port]/path`, without user
 /// info, query or fragment (a webhook URL is a bearer capability). A URL
 /// that does not parse is shown as `[unparseable url]`.

@@ -156,7 +156,7 @@ async fn the_notify_url_is_a_secret_in_update_config() {
     let s = TestServer::start().await;
     let (phone, pid) = s.phone("owner").await;
     let phone = std::sync::Arc::new(phone);
-    let url = "https://ntfy.example.net/very-s3cret-topic";
+    let url = "https://me:s3cret@ntfy.example.net:8443/very-s3cret-topic?auth=s3cret";
     let upd = spawn_request(
         &phone,
         "update_config",
@@ -170,11 +170,13 @@ async fn the_notify_url_is_a_secret_in_update_config() {
             .starts_with("[redacted:"),
         "{req}"
     );
+    // The owner sees where later approvals would be posted, and only that.
     assert!(
         req["summary"]
             .as_str()
             .unwrap()
-            .contains("url = [redacted]")
+            .contains("url = https://ntfy.example.net:8443/[redacted]"),
+        "{req}"
     );
     assert!(!req.to_string().contains("s3cret"));
     let r = upd.await.unwrap();

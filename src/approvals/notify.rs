@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::Approvals;
-use crate::redact::redact_url;
+use crate::redact::url_origin;
 
 /// Attempts in all (the first and three retries).
 pub(crate) const ATTEMPTS: u32 = 4;
@@ -63,7 +63,7 @@ async fn post_with_retries(url: String, text: String, shutdown: CancellationToke
                 return;
             }
             Err(e) => {
-                tracing::warn!(approval = %id, attempt, to = %origin_of(&url), error = %e, "approval notification failed");
+                tracing::warn!(approval = %id, attempt, to = %url_origin(&url), error = %e, "approval notification failed");
             }
         }
         if attempt < ATTEMPTS {
@@ -73,16 +73,6 @@ async fn post_with_retries(url: String, text: String, shutdown: CancellationToke
             }
             backoff *= 2;
         }
-    }
-}
-
-/// Where a notification goes, as it may be logged: scheme, host and port
-/// only (an ntfy topic in the path is as secret as a query token).
-fn origin_of(url: &str) -> String {
-    let shown = redact_url(url);
-    match shown.split_once("://") {
-        Some((scheme, rest)) => format!("{scheme}://{}", rest.split('/').next().unwrap_or("")),
-        None => shown,
     }
 }
 

@@ -106,7 +106,14 @@ fn describe(section: &str, value: &Map<String, Value>) -> String {
     let parts: Vec<String> = value
         .iter()
         .map(|(k, v)| {
-            if is_secret(section, k) && !v.is_null() {
+            if section == "notify" && k == "url" && !v.is_null() {
+                // The owner must see where every later approval would be
+                // posted; the path and query (a capability) stay hidden.
+                let to = v
+                    .as_str()
+                    .map_or("[redacted]".into(), crate::redact::url_origin);
+                format!("{k} = {to}/[redacted]")
+            } else if is_secret(section, k) && !v.is_null() {
                 format!("{k} = [redacted]")
             } else {
                 format!("{k} = {v}")
