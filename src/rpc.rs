@@ -248,8 +248,8 @@ impl Registry {
         caller: Caller,
     ) -> ActionResult {
         let redacted = redact_action_params(action, &params);
-        let known = self.methods.method(action).is_some();
-        let (audited_action, digest) = if known {
+        let method = self.methods.method(action);
+        let (audited_action, digest) = if method.is_some() {
             (action, jcs_digest(&redacted))
         } else {
             (
@@ -258,13 +258,16 @@ impl Registry {
             )
         };
         let device = caller.device_id.clone();
-        let out = if known && !is_read_only(action) {
-            match state.require_audit().await {
-                Ok(()) => self.invoke(action, params, caller).await,
+        let out = match method {
+            None => Err(ApiError::new(
+                ErrorCode::UnknownAction,
+                format!("unknown action {action:?}"),
+            )),
+            Some(m) if !is_read_only(action) => match state.require_audit().await {
+                Ok(()) => invoke(m, params, caller).await,
                 Err(e) => Err(e),
-            }
-        } else {
-            self.invoke(action, params, caller).await
+            },
+            Some(m) => invoke(m, params, caller).await,
         };
         let outcome = match &out {
             Ok(_) => "ok",
@@ -276,26 +279,25 @@ impl Registry {
             .await;
         out
     }
+}
 
-    async fn invoke(&self, action: &str, params: RawParams, caller: Caller) -> ActionResult {
-        let Some(MethodCallback::Async(cb)) = self.methods.method(action) else {
-            return Err(ApiError::new(
-                ErrorCode::UnknownAction,
-                format!("unknown action {action:?}"),
-            ));
-        };
-        let slot = CallSlot::new(caller, params);
-        let mut ext = Extensions::new();
-        ext.insert(slot.clone());
-        cb(
-            Id::Number(0),
-            Params::new(None),
-            ConnectionId(0),
-            usize::MAX,
-            ext,
-        )
-        .await;
-        slot.take_output()
-            .unwrap_or_else(|| Err(ApiError::internal("the action produced no result")))
-    }
+/// Runs one registered method with `params` for `caller`, through a
+/// [`CallSlot`] (see there).
+async fn invoke(method: &MethodCallback, params: RawParams, caller: Caller) -> ActionResult {
+    let MethodCallback::Async(cb) = method else {
+        return Err(ApiError::internal("every action is registered as async"));
+    };
+    let slot = CallSlot::new(caller, params);
+    let mut ext = Extensions::new();
+    ext.insert(slot.clone());
+    cb(
+        Id::Number(0),
+        Params::new(None),
+        ConnectionId(0),
+        usize::MAX,
+        ext,
+    )
+    .await;
+    slot.take_output()
+        .unwrap_or_else(|| Err(ApiError::internal("the action produced no result")))
 }
