@@ -125,7 +125,7 @@ async fn a_denied_release_exits_3_with_nothing_on_stdout() {
     let (phone, pid) = s.phone("owner").await;
     s.set_secret("TOK", "tok-value").await;
     let get = spawn_cli(s.path(), &["get", "TOK", "--reason", "r"], b"");
-    answer_next(&phone, &pid, "deny").await;
+    let denied = answer_next(&phone, &pid, "deny").await;
     let out = get.await.unwrap();
     assert_eq!(code(&out), 3, "{}", stderr(&out));
     assert!(out.stdout.is_empty());
@@ -150,9 +150,12 @@ async fn a_denied_release_exits_3_with_nothing_on_stdout() {
     assert_eq!(code(&exec.await.unwrap()), 3);
     assert!(!marker.exists(), "nothing released, nothing run");
     let log = audit_now(&s).await;
+    // SPEC §10: release records carry the approval they were decided by.
     assert!(
-        log.iter()
-            .any(|r| r["action"] == "secret.release_refused" && r["outcome"] == "approval_denied")
+        log.iter().any(|r| r["action"] == "secret.release_refused"
+            && r["outcome"] == "approval_denied"
+            && r["approval_id"] == denied["approval_id"]),
+        "{log:?}"
     );
 }
 

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use super::commitment::{CommitmentKey, commit_action_secrets};
 use super::{ApprovalError, Approvals, DecisionRule, wait_until};
 use crate::protocol::ApiError;
-use crate::secrets::release::{BoxFuture, Granted, Host, PendingNotice, SecretAudit};
+use crate::secrets::release::{BoxFuture, Granted, Host, NotGranted, PendingNotice, SecretAudit};
 use crate::storage::audit::AuditEntry;
 use crate::storage::devices;
 
@@ -44,7 +44,7 @@ impl Approvals {
         summary: String,
         gone: CancellationToken,
         pending_tx: Option<oneshot::Sender<PendingNotice>>,
-    ) -> Result<Granted, ApprovalError> {
+    ) -> Result<Granted, NotGranted> {
         // K goes to no one: the commitment only tells different values apart.
         let (params, _) = commit_action_secrets(action, &params, &CommitmentKey::generate());
         let (pending, request) = self.new_pending(
@@ -68,14 +68,17 @@ impl Approvals {
                     .filter(|p| p.origin_device_id == LOCAL_ORIGIN)
                     .map(|p| p.expires_at)
                     .min();
-                return Err(ApprovalError::LocalBusy {
+                return Err(ApiError::from(ApprovalError::LocalBusy {
                     retry_after_ms: wait_until(earliest, now),
-                });
+                })
+                .into());
             }
         }
         // The per-origin cap (16) also holds LOCAL_ORIGIN under the lock.
-        self.reserve(pending.clone(), now)?;
-        self.store_pending(&pending, request, None).await?;
+        self.reserve(pending.clone(), now).map_err(ApiError::from)?;
+        self.store_pending(&pending, request, None)
+            .await
+            .map_err(ApiError::from)?;
         let approval_id = pending.approval_id.clone();
         tracing::info!(approval = %approval_id, action, "local approval requested");
         self.deps().events.broadcast(&pending.request_frame());
@@ -89,7 +92,11 @@ impl Approvals {
         }
         let device_id = self
             .decide_and_finish(&pending, Some(&gone), "nothing was released")
-            .await?;
+            .await
+            .map_err(|e| NotGranted {
+                error: e.into(),
+                approval_id: Some(approval_id.clone()),
+            })?;
         Ok(Granted {
             approval_id,
             device_id,
@@ -111,12 +118,8 @@ impl Host for Approvals {
         summary: String,
         gone: CancellationToken,
         pending: Option<oneshot::Sender<PendingNotice>>,
-    ) -> BoxFuture<'_, Result<Granted, ApiError>> {
-        Box::pin(async move {
-            self.request_local(action, params, summary, gone, pending)
-                .await
-                .map_err(ApiError::from)
-        })
+    ) -> BoxFuture<'_, Result<Granted, NotGranted>> {
+        Box::pin(self.request_local(action, params, summary, gone, pending))
     }
 
     fn paired_devices(&self) -> BoxFuture<'_, Result<i64, ApiError>> {

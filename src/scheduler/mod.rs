@@ -430,7 +430,7 @@ impl Scheduler {
 mod tests {
     use super::*;
     use crate::protocol::{ApiError, ErrorCode};
-    use crate::secrets::release::{BoxFuture, Granted, PendingNotice, SecretAudit};
+    use crate::secrets::release::{BoxFuture, Granted, NotGranted, PendingNotice, SecretAudit};
     use crate::storage::audit::Retention;
     use tokio::sync::oneshot;
 
@@ -445,8 +445,8 @@ mod tests {
             _summary: String,
             _gone: CancellationToken,
             _pending: Option<oneshot::Sender<PendingNotice>>,
-        ) -> BoxFuture<'_, Result<Granted, ApiError>> {
-            Box::pin(async { Err(ApiError::new(ErrorCode::ApprovalDenied, "refused")) })
+        ) -> BoxFuture<'_, Result<Granted, NotGranted>> {
+            Box::pin(async { Err(ApiError::new(ErrorCode::ApprovalDenied, "refused").into()) })
         }
         fn paired_devices(&self) -> BoxFuture<'_, Result<i64, ApiError>> {
             Box::pin(async { Ok(0) })

@@ -87,6 +87,29 @@ pub struct SecretAudit {
     pub leases_ended: Vec<String>,
 }
 
+/// An ask that ended without a grant: why, and the approval it was if one
+/// was made (a denied or expired release names it in its audit record).
+#[derive(Debug)]
+pub struct NotGranted {
+    pub error: ApiError,
+    pub approval_id: Option<String>,
+}
+
+impl From<ApiError> for NotGranted {
+    fn from(error: ApiError) -> NotGranted {
+        NotGranted {
+            error,
+            approval_id: None,
+        }
+    }
+}
+
+impl From<NotGranted> for ApiError {
+    fn from(n: NotGranted) -> ApiError {
+        n.error
+    }
+}
+
 /// What the vault needs from the server: the approval gate, the paired
 /// devices, the lease cap and the audit log (implemented by
 /// `approvals::Approvals`, which holds all four).
@@ -100,7 +123,7 @@ pub trait Host: Send + Sync {
         summary: String,
         gone: CancellationToken,
         pending: Option<oneshot::Sender<PendingNotice>>,
-    ) -> BoxFuture<'_, Result<Granted, ApiError>>;
+    ) -> BoxFuture<'_, Result<Granted, NotGranted>>;
     /// Paired, non-revoked devices.
     fn paired_devices(&self) -> BoxFuture<'_, Result<i64, ApiError>>;
     /// `secrets.max_lease_secs`.
@@ -249,9 +272,9 @@ pub async fn release(
         .await
     {
         Ok(g) => g,
-        Err(e) => {
-            host.audit(refused(e.code.as_str(), None)).await;
-            return Err(e);
+        Err(NotGranted { error, approval_id }) => {
+            host.audit(refused(error.code.as_str(), approval_id)).await;
+            return Err(error);
         }
     };
     let values = match secrets.open_values(&req.names, true).await {
